@@ -1,0 +1,296 @@
+"""The typed, validated, frozen run configuration.
+
+YAML (experiments/configs/default.yaml, then an optional --config file) -> `--set key=value`
+overrides -> CLI flags -> `Config`. Every error names the key and where it came from
+(`ConfigError`); the CLI turns it into exit status 2.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = REPO_ROOT / "experiments" / "configs" / "default.yaml"
+MODEL_CONFIGS = REPO_ROOT / "experiments" / "configs" / "models"
+FREEZE_RE = re.compile(r"^(full|frozen|progressive|partial:[1-9]\d*)$")
+
+
+class ConfigError(ValueError):
+    """A bad key or value; the message is one line naming the key and its source."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+
+class DataConfig(_Section):
+    data_dir: Optional[str] = None  # folder or CSV index; None -> the generated demo set (data/demo)
+    image_size: int = Field(224, ge=16, le=1024)
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    group_by: Optional[str] = None  # "folder", or a regex whose first group is the group key in the file name
+    balance: Literal["none", "pos_weight", "sampler"] = "none"
+    aug_policy: str = "basic"
+    max_samples_per_split: Optional[int] = Field(None, ge=1)  # debug/CI: cap each split, stratified
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x < 0 for x in v) or abs(sum(v) - 1.0) > 1e-6 or v[0] == 0:
+            raise ValueError("must be three non-negative fractions (train, val, test) summing to 1")
+        return v
+
+
+class ModelConfig(_Section):
+    model_type: str = "efficientnet"  # preset name (models.presets)
+    model_name: Optional[str] = None  # any timm model name; overrides the preset's backbone
+    pretrained: bool = True
+    pretrained_path: Optional[str] = None  # local weights file (state_dict / safetensors)
+    head: Literal["linear", "mlp", "arcface"] = "linear"
+    embedding_dim: int = Field(512, ge=1)
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
+    use_attention: bool = False
+    attention_type: Literal["se", "cbam"] = "se"
+    arcface_scale: float = Field(30.0, gt=0)
+    arcface_margin: float = Field(0.5, ge=0)
+    channels_last: Optional[bool] = None  # None -> on for convolutional backbones
+
+
+class OptimConfig(_Section):
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    backbone_lr: Optional[float] = Field(None, gt=0)  # None -> lr
+    classifier_lr: Optional[float] = Field(None, gt=0)  # None -> lr
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["cosine", "plateau", "onecycle", "none"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0)
+    min_lr: float = Field(1e-6, ge=0)
+    plateau_factor: float = Field(0.5, gt=0, lt=1)
+    plateau_patience: int = Field(3, ge=0)
+    gradient_accumulation: int = Field(1, ge=1)
+    gradient_clip: float = Field(0.0, ge=0)  # max grad norm; 0 = off
+
+    def resolved_lrs(self) -> tuple[float, float]:
+        """(backbone LR, classifier LR)."""
+        return self.backbone_lr or self.lr, self.classifier_lr or self.lr
+
+
+class LossConfig(_Section):
+    loss_type: Literal["bce", "focal", "label_smoothing", "ce"] = "bce"
+    focal_alpha: float = Field(0.25, ge=-1, le=1)  # torchvision convention: <0 disables weighting
+    focal_gamma: float = Field(2.0, ge=0)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+
+    @property
+    def num_outputs(self) -> int:
+        return 2 if self.loss_type == "ce" else 1
+
+
+class AugConfig(_Section):
+    use_mixup: bool = False
+    mixup_alpha: float = Field(0.2, ge=0)
+    cutmix_alpha: float = Field(0.0, ge=0)
+    mixup_prob: float = Field(1.0, ge=0, le=1)
+    switch_prob: float = Field(0.5, ge=0, le=1)
+
+
+class TrainConfig(_Section):
+    num_epochs: int = Field(10, ge=1)
+    freeze_strategy: str = "full"
+    unfreeze_epoch: int = Field(1, ge=0)
+    early_stopping_patience: int = Field(0, ge=0)  # 0 = off
+    monitor: str = "val_auc"
+    monitor_mode: Literal["max", "min"] = "max"
+    use_amp: bool = False
+    use_ema: bool = False
+    ema_decay: float = Field(0.9998, gt=0, lt=1)
+    use_tta: bool = False
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    seed: int = 42
+    deterministic: bool = True
+    output_dir: str = "outputs"
+    checkpoint_in: Optional[str] = None  # initial weights (model only), e.g. a stage-1 checkpoint
+    checkpoint_out: Optional[str] = None  # copy of the best checkpoint written here at the end
+    resume: Optional[str] = None  # a last.pt checkpoint or run folder; continues in the same MLflow run
+    eval_only: bool = False
+    checkpoint: Optional[str] = None  # with eval_only: a file or runs:/RUN_ID/path
+    max_steps_per_epoch: Optional[int] = Field(None, ge=1)  # debug/bench: cap optimizer steps per epoch
+    log_every: int = Field(20, ge=1)
+
+    @field_validator("freeze_strategy")
+    @classmethod
+    def _freeze_known(cls, v: str) -> str:
+        if not FREEZE_RE.match(v):
+            raise ValueError(f"{v!r} is not one of full, frozen, progressive, partial:N (N >= 1)")
+        return v
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitor_is_val(cls, v: str) -> str:
+        if not v.startswith("val_"):
+            raise ValueError(f"{v!r} must be a validation metric such as val_auc, val_loss, val_f1")
+        return v
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    tracking_uri: Optional[str] = None  # None -> $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db
+    experiment_name: str = "deepfake-detection"
+    run_name: Optional[str] = None
+    log_model: bool = True
+    log_checkpoint: bool = True
+    system_metrics: bool = False
+    tags: dict[str, str] = Field(default_factory=dict)
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    optim: OptimConfig = OptimConfig()
+    loss: LossConfig = LossConfig()
+    aug: AugConfig = AugConfig()
+    train: TrainConfig = TrainConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Config":
+        if self.model.head == "arcface" and self.aug.use_mixup:
+            raise ValueError("model.head=arcface needs hard labels; turn aug.use_mixup off")
+        if self.model.head == "arcface" and self.loss.loss_type != "ce":
+            raise ValueError("model.head=arcface is a 2-class margin head; set loss.loss_type=ce")
+        if self.train.eval_only and not self.train.checkpoint:
+            raise ValueError("train.eval_only needs train.checkpoint (--checkpoint FILE or runs:/RUN_ID/path)")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, as logged to MLflow params."""
+        return flatten(self.model_dump(mode="json"))
+
+    def with_overrides(self, overrides: dict[str, Any], source: str = "override") -> "Config":
+        """A new Config with dotted-key overrides applied and validated again."""
+        data = self.model_dump(mode="json")
+        for key, value in overrides.items():
+            set_dotted(data, key, value, source)
+        return validate(data, source)
+
+
+# ---------------------------------------------------------------------------- building
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k != "tags":
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def known_keys() -> list[str]:
+    return sorted(flatten(Config().model_dump(mode="json")))
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
+    """Set data[a][b] for key "a.b"; an unknown key raises ConfigError naming the closest key."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in Config.model_fields or (
+        parts[1] not in Config.model_fields[parts[0]].annotation.model_fields  # type: ignore[union-attr]
+    ):
+        import difflib
+
+        close = difflib.get_close_matches(key, known_keys(), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown config key '{key}' in {source}{hint}")
+    data.setdefault(parts[0], {})[parts[1]] = value
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """`key=value` strings -> {key: YAML-parsed value}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} must look like key=value, e.g. optim.lr=3e-4")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections (data:, model:, optim:, ...)")
+    return data
+
+
+def merge_file(data: dict[str, Any], path: str | Path) -> None:
+    """Merge a YAML file (sections of keys) into `data`, checking every key against the schema."""
+    for section, values in read_yaml(path).items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section '{section}' must be a mapping")
+        for k, v in values.items():
+            set_dotted(data, f"{section}.{k}", v, str(path))
+
+
+def validate(data: dict[str, Any], source: str) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
+        raise ConfigError(f"invalid value for '{key}' from {source}: {msg}{got}") from None
+
+
+def _model_type_of(data: dict[str, Any], overrides: dict[str, Any]) -> str:
+    return str(overrides.get("model.model_type") or data.get("model", {}).get("model_type", ""))
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    override_source: str = "--set",
+) -> Config:
+    """default.yaml <- configs/models/<model_type>.yaml (if any) <- config_file <- overrides -> Config.
+
+    A model's own file holds what its seed recipe implies (e.g. xception: frozen backbone, 299 px).
+    """
+    overrides = overrides or {}
+    file_data: dict[str, Any] = {}
+    if config_file:
+        merge_file(file_data, config_file)
+    data: dict[str, Any] = {}
+    merge_file(data, DEFAULT_CONFIG)
+    sources = [str(DEFAULT_CONFIG.relative_to(REPO_ROOT))]
+    model_file = MODEL_CONFIGS / f"{_model_type_of(file_data, overrides) or _model_type_of(data, {})}.yaml"
+    if model_file.is_file():
+        merge_file(data, model_file)
+        sources.append(str(model_file.relative_to(REPO_ROOT)))
+    if config_file:
+        merge_file(data, config_file)
+        sources.append(str(config_file))
+    for key, value in overrides.items():
+        set_dotted(data, key, value, override_source)
+    if overrides:
+        sources.append(override_source)
+    return validate(data, " + ".join(sources))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
