@@ -1,0 +1,203 @@
+"""Binary real/fake losses by name, P(fake) scores, and timm Mixup with soft binary targets.
+
+Every loss takes `logits` (B, num_outputs) and float `targets` (B,) in [0, 1] (soft targets from
+mixup allowed; 1 = fake) and returns a scalar mean. Losses run in float32 even under autocast.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup
+from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
+
+from training.config import AugConfig, ConfigError, LossConfig
+from training.registry import Registry
+
+log = logging.getLogger(__name__)
+
+LOSSES: Registry[nn.Module] = Registry("loss")
+
+
+def _single_logit(logits: Tensor, loss_name: str) -> Tensor:
+    """(B, 1) or (B,) logits -> (B,) float32; anything else is a wiring error."""
+    if logits.ndim == 2 and logits.shape[1] == 1:
+        logits = logits[:, 0]
+    if logits.ndim != 1:
+        raise ValueError(
+            f"loss {loss_name!r} expects 1 logit per image, got logits of shape {tuple(logits.shape)}; "
+            "use loss_type=ce for a 2-output head"
+        )
+    return logits.float()
+
+
+def _check_targets(targets: Tensor, batch: int) -> Tensor:
+    targets = targets.reshape(-1).float()
+    if targets.numel() != batch:
+        raise ValueError(f"got {targets.numel()} targets for a batch of {batch} logits")
+    return targets
+
+
+def _on(buffer: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """A class-weight buffer on the logits' device (works even if the loss module was not moved)."""
+    return None if buffer is None else buffer.to(like.device)
+
+
+class BinaryLoss(nn.Module):
+    """Base: holds the expected number of logits per image."""
+
+    num_outputs: int = 1
+
+
+class BCELoss(BinaryLoss):
+    """BCE with logits; `pos_weight` scales the fake (positive) term."""
+
+    def __init__(self, pos_weight: Optional[float] = None) -> None:
+        super().__init__()
+        self.register_buffer("pos_weight", None if pos_weight is None else torch.tensor(float(pos_weight)))
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        z = _single_logit(logits, "bce")
+        return F.binary_cross_entropy_with_logits(
+            z, _check_targets(targets, len(z)), pos_weight=_on(self.pos_weight, z)
+        )
+
+
+class LabelSmoothingBCELoss(BCELoss):
+    """BCE on targets pulled towards 0.5: y * (1 - eps) + eps / 2."""
+
+    def __init__(self, smoothing: float, pos_weight: Optional[float] = None) -> None:
+        super().__init__(pos_weight)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {smoothing}")
+        self.smoothing = float(smoothing)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        z = _single_logit(logits, "label_smoothing")
+        t = _check_targets(targets, len(z)) * (1.0 - self.smoothing) + self.smoothing / 2.0
+        return F.binary_cross_entropy_with_logits(z, t, pos_weight=_on(self.pos_weight, z))
+
+
+class FocalLoss(BinaryLoss):
+    """torchvision's sigmoid focal loss (mean); alpha < 0 turns the class weighting off."""
+
+    def __init__(self, alpha: float = 0.25, gamma: float = 2.0) -> None:
+        super().__init__()
+        self.alpha = -1.0 if alpha < 0 else float(alpha)  # torchvision accepts only [0, 1] or -1
+        self.gamma = float(gamma)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        z = _single_logit(logits, "focal")
+        return sigmoid_focal_loss(
+            z, _check_targets(targets, len(z)), alpha=self.alpha, gamma=self.gamma, reduction="mean"
+        )
+
+
+class SoftTargetCELoss(BinaryLoss):
+    """Cross-entropy on 2 logits (real, fake) with soft targets [1 - y, y]; also for ArcFace logits.
+
+    `pos_weight` becomes class weights [1, pos_weight] (same effect as BCE's pos_weight).
+    """
+
+    num_outputs = 2
+
+    def __init__(self, pos_weight: Optional[float] = None) -> None:
+        super().__init__()
+        weight = None if pos_weight is None else torch.tensor([1.0, float(pos_weight)])
+        self.register_buffer("weight", weight)
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if logits.ndim != 2 or logits.shape[1] != 2:
+            raise ValueError(
+                f"loss 'ce' expects 2 logits per image, got logits of shape {tuple(logits.shape)}; "
+                "build the model with loss_cfg.num_outputs = 2"
+            )
+        y = _check_targets(targets, len(logits))
+        probs = torch.stack([1.0 - y, y], dim=1)
+        return F.cross_entropy(logits.float(), probs, weight=_on(self.weight, logits))
+
+
+@LOSSES.register("bce")
+def _bce(cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.Module:
+    return BCELoss(pos_weight)
+
+
+@LOSSES.register("label_smoothing")
+def _label_smoothing(cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.Module:
+    return LabelSmoothingBCELoss(cfg.label_smoothing, pos_weight)
+
+
+@LOSSES.register("focal")
+def _focal(cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.Module:
+    if pos_weight is not None:
+        log.info("loss=focal pos_weight=%.4g ignored: focal_alpha=%s balances the classes", pos_weight, cfg.focal_alpha)
+    return FocalLoss(cfg.focal_alpha, cfg.focal_gamma)
+
+
+@LOSSES.register("ce")
+def _ce(cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.Module:
+    return SoftTargetCELoss(pos_weight)
+
+
+def create_loss(loss_cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.Module:
+    """The loss named by `loss_cfg.loss_type`; `pos_weight` = n_real / n_fake when data.balance=pos_weight."""
+    loss = LOSSES.create(loss_cfg.loss_type, cfg=loss_cfg, pos_weight=pos_weight)
+    log.debug("loss=%s pos_weight=%s", loss_cfg.loss_type, pos_weight)
+    return loss
+
+
+def scores_from_logits(logits: Tensor) -> Tensor:
+    """P(fake) per image (B,): sigmoid of 1 logit, softmax[:, 1] of 2 logits (float32)."""
+    logits = logits.detach().float()
+    if logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 1):
+        return torch.sigmoid(logits.reshape(-1))
+    if logits.ndim == 2 and logits.shape[1] == 2:
+        return torch.softmax(logits, dim=1)[:, 1]
+    raise ValueError(f"expected logits of shape (B,), (B, 1) or (B, 2), got {tuple(logits.shape)}")
+
+
+# ------------------------------------------------------------------------------ mixup
+def build_mixup(aug_cfg: AugConfig) -> Optional[Mixup]:
+    """timm Mixup/CutMix over 2 classes with no label smoothing (the loss does that), or None when off.
+
+    timm mixes a batch with its flipped self, so it needs an even batch: use `mix_batch`, which
+    leaves odd batches unmixed. Its random draws come from numpy's global RNG (seeded by the trainer).
+    """
+    if not aug_cfg.use_mixup:
+        return None
+    if aug_cfg.mixup_alpha <= 0 and aug_cfg.cutmix_alpha <= 0:
+        raise ConfigError("aug.use_mixup needs aug.mixup_alpha > 0 or aug.cutmix_alpha > 0 (both are 0)")
+    return Mixup(
+        mixup_alpha=aug_cfg.mixup_alpha,
+        cutmix_alpha=aug_cfg.cutmix_alpha,
+        prob=aug_cfg.mixup_prob,
+        switch_prob=aug_cfg.switch_prob,
+        mode="batch",
+        label_smoothing=0.0,
+        num_classes=2,
+    )
+
+
+def soft_binary_targets(mixed_onehot: Tensor) -> Tensor:
+    """timm's mixed one-hot targets (B, 2) -> P(fake) targets (B,) = column 1."""
+    if mixed_onehot.ndim != 2 or mixed_onehot.shape[1] != 2:
+        raise ValueError(f"expected mixed one-hot targets of shape (B, 2), got {tuple(mixed_onehot.shape)}")
+    return mixed_onehot[:, 1].float()
+
+
+def mix_batch(mixup: Optional[Mixup], images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(images, float targets (B,)) after mixup; unmixed when mixup is None or the batch is odd.
+
+    Mixes `images` in place (timm does); labels are 0/1 (float or long).
+    """
+    targets = labels.reshape(-1).float()
+    if mixup is None:
+        return images, targets
+    if len(images) % 2:
+        log.debug("mixup skipped: odd batch size=%d", len(images))
+        return images, targets
+    images, mixed = mixup(images, labels.reshape(-1).round().long())
+    return images, soft_binary_targets(mixed).to(targets.device)
