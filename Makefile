@@ -11,9 +11,16 @@ TRIALS ?=
 DATA   ?=
 WORKERS ?= 1
 PORT   ?= 5000
+TOP ?= 5
+METRIC ?= val_auc
+METHOD ?= weighted
+EXPERIMENT ?= deepfake-detection
+MARGIN ?= 0.0
+SERVE_PORT ?= 5001
+SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo-data demo sweep dashboard ui bench clean
+.PHONY: help install test test-fast demo-data demo sweep dashboard ui ensemble promote serve serve-stop faces bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n",$$1,$$2}'
@@ -51,6 +58,28 @@ ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) (training view link printed)
 	@echo "open http://127.0.0.1:$(PORT)/#/experiments/1/runs?workflowType=machine_learning"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db -h 127.0.0.1 -p $(PORT) --workers 1
+
+ensemble: $(STAMP) ## ensemble of the best runs: STUDY=name | EXPERIMENT=name | RUNS="id id"; TOP=5 METRIC=val_auc METHOD=weighted
+	$(PY) -m evaluation.ensemble $(if $(STUDY),--study $(STUDY),$(if $(RUNS),--runs $(RUNS),--experiment $(EXPERIMENT))) \
+	  --top $(TOP) --metric $(METRIC) --method $(METHOD)
+
+promote: $(STAMP) ## register RUN=<run_id> as challenger; champion moves unless worse beyond MARGIN (FORCE=1 overrides)
+	@test -n "$(RUN)" || { echo "usage: make promote RUN=<run_id> [MARGIN=0.0] [FORCE=1]"; exit 2; }
+	$(PY) -m evaluation.promote --run $(RUN) --margin $(MARGIN) $(if $(FORCE),--force)
+
+serve: $(STAMP) ## serve models:/deepfake-detector@champion on 127.0.0.1:$(SERVE_PORT) in the background
+	@mkdir -p mlruns
+	MLFLOW_TRACKING_URI=$(SERVE_URI) PATH=$(CURDIR)/.venv/bin:$$PATH setsid .venv/bin/mlflow models serve \
+	  -m "models:/deepfake-detector@champion" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) \
+	  > mlruns/serve.log 2>&1 & echo $$! > mlruns/serve.pid
+	@echo "serving on http://127.0.0.1:$(SERVE_PORT)/invocations (log mlruns/serve.log); stop with: make serve-stop"
+
+serve-stop: ## stop the server started by make serve (its whole process group)
+	-kill -TERM -- -$$(cat mlruns/serve.pid) && rm -f mlruns/serve.pid
+
+faces: $(STAMP) ## face crops from videos or photos: SRC=dir OUT=dir (MTCNN, resumable)
+	@test -n "$(SRC)" -a -n "$(OUT)" || { echo "usage: make faces SRC=<videos or photos> OUT=<faces dir>"; exit 2; }
+	$(PY) -m preprocessing.extract_faces --src $(SRC) --out $(OUT)
 
 bench: $(STAMP) ## trainer vs bare PyTorch loop throughput (fp32 and bf16 + channels_last)
 	$(PY) bench/trainer_vs_bare.py

@@ -36,7 +36,13 @@ class DataConfig(_Section):
     group_by: Optional[str] = None  # "folder", or a regex whose first group is the group key in the file name
     balance: Literal["none", "pos_weight", "sampler"] = "none"
     aug_policy: str = "basic"
+    center_crop: Optional[float] = Field(None, gt=0, le=1)  # keep this central fraction first (uncropped photos)
     max_samples_per_split: Optional[int] = Field(None, ge=1)  # debug/CI: cap each split, stratified
+    # video (model_type dual_stream): clips of sequence_length frames, every frame_skip-th frame
+    sequence_length: int = Field(10, ge=1)
+    frame_skip: int = Field(3, ge=1)
+    lq_size: Optional[int] = Field(None, ge=16)  # None -> image_size // 2
+    lq_jpeg_quality: tuple[int, int] = (30, 50)
 
     @field_validator("split")
     @classmethod
@@ -60,6 +66,23 @@ class ModelConfig(_Section):
     arcface_scale: float = Field(30.0, gt=0)
     arcface_margin: float = Field(0.5, ge=0)
     channels_last: Optional[bool] = None  # None -> on for convolutional backbones
+    # dual_stream (video): HQ and LQ backbones (preset or timm name), ConvLSTM sizes, stream fusion
+    hq_backbone: str = "efficientnet_b4"
+    lq_backbone: str = "efficientnet_b0"
+    fusion: Literal["attention", "concat", "gated"] = "attention"
+    lstm_channels: tuple[int, ...] = (256, 128)
+    lstm_kernel: int = Field(3, ge=1)
+
+    @field_validator("lstm_kernel")
+    @classmethod
+    def _odd_kernel(cls, v: int) -> int:
+        if v % 2 == 0:
+            raise ValueError("must be odd so the ConvLSTM keeps the feature-map size")
+        return v
+
+    @property
+    def is_video(self) -> bool:
+        return self.model_type == "dual_stream"
 
 
 class OptimConfig(_Section):
@@ -165,6 +188,8 @@ class Config(_Section):
             raise ValueError("model.head=arcface needs hard labels; turn aug.use_mixup off")
         if self.model.head == "arcface" and self.loss.loss_type != "ce":
             raise ValueError("model.head=arcface is a 2-class margin head; set loss.loss_type=ce")
+        if self.model.is_video and self.aug.use_mixup:
+            raise ValueError("model.model_type=dual_stream trains on clips; mixup is for images: turn aug.use_mixup off")
         if self.train.eval_only and not self.train.checkpoint:
             raise ValueError("train.eval_only needs train.checkpoint (--checkpoint FILE or runs:/RUN_ID/path)")
         return self

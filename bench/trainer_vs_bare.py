@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""Trainer overhead: train(cfg) (MLflow on) vs a bare PyTorch loop, same model/data/batch/steps.
+
+Rounds alternate trainer and bare so drift on a shared machine hits both. Prints images/s of each
+and the ratio (target >= 0.97), for fp32 and for bf16 autocast + channels_last.
+
+    python bench/trainer_vs_bare.py [--model_type efficientnet_lite0] [--steps 30] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import torch  # noqa: E402
+
+from models import create_detector  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.data import build_loaders, scan  # noqa: E402
+from training.trainer import default_data_cfg, train  # noqa: E402
+
+
+def bare_loop(cfg, index, steps: int) -> float:
+    """The 20-line reference: same detector, loader, optimizer family and loss; returns images/s."""
+    torch.manual_seed(cfg.train.seed)
+    model = create_detector(cfg.model, 1, image_size=cfg.data.image_size)
+    cl = bool(cfg.model.channels_last)
+    model = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format).train()
+    loader = build_loaders(index, cfg, model.data_config["mean"], model.data_config["std"])["train"]
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.train.use_amp else contextlib.nullcontext
+    seen, t0 = 0, time.perf_counter()
+    for x, y, _ in itertools.islice(loader, steps):
+        if cl:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with amp():
+            loss = loss_fn(model(x).float()[:, 0], y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += len(x)
+    return seen / (time.perf_counter() - t0)
+
+
+def trainer_run(cfg) -> float:
+    """One epoch of `steps` updates through train(cfg); images/s as the trainer measured its loop."""
+    result = train(cfg)
+    import pandas as pd
+
+    return float(pd.read_csv(result.output_dir / "training_log.csv")["images_per_s"].iloc[0])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model_type", default="efficientnet_lite0")
+    ap.add_argument("--image_size", type=int, default=96)
+    ap.add_argument("--batch_size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--data_dir", default=None, help="default: the demo set")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    tmp = Path(tempfile.mkdtemp(prefix="dfsweep-bench-"))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
+    print(f"model={args.model_type} image_size={args.image_size} batch={args.batch_size} steps={args.steps} "
+          f"rounds={args.rounds} threads={torch.get_num_threads()}")
+    for label, amp, cl in (("fp32", False, False), ("bf16+channels_last", True, True)):
+        cfg = load_config(overrides={
+            "model.model_type": args.model_type, "model.pretrained": False, "model.channels_last": cl,
+            "data.data_dir": args.data_dir, "data.image_size": args.image_size, "data.batch_size": args.batch_size,
+            "data.num_workers": 1, "data.aug_policy": "basic", "train.num_epochs": 1,
+            "train.max_steps_per_epoch": args.steps, "train.use_amp": amp, "optim.scheduler": "none",
+            "train.output_dir": str(tmp / "outputs"), "tracking.log_model": False,
+            "tracking.experiment_name": "bench-trainer-vs-bare",
+        })
+        index = scan(default_data_cfg(cfg), cfg.train.seed)
+        ours, bare = [], []
+        for _ in range(args.rounds):
+            ours.append(trainer_run(cfg))
+            bare.append(bare_loop(cfg, index, args.steps))
+        o, b = statistics.median(ours), statistics.median(bare)
+        print(f"{label:>20}: trainer {o:7.1f} img/s   bare {b:7.1f} img/s   ratio {o / b:.3f}   "
+              f"(rounds trainer {[round(v, 1) for v in ours]} bare {[round(v, 1) for v in bare]})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Score images with a registered model, a run or a checkpoint; write predictions.csv (+ metrics.json).
+
+    python -m evaluation.predict --model models:/deepfake-detector@champion --input photos/ --out preds.csv
+    python -m evaluation.predict --run RUN_ID --input list.txt --out preds.csv
+    python -m evaluation.predict --checkpoint outputs/<run>/best.pt --input a.jpg b.png --out preds.csv
+
+--input: folders (searched recursively), image files, or .txt/.csv lists (a `path` column or one path a
+line; relative paths are relative to the list). A label is known when the image sits under a folder
+named real or fake (also 0_real, 1-fake, ...): then metrics.json (binary_metrics, bootstrap 95% AUC
+interval) is written beside the CSV. Unreadable images are skipped with a warning and listed in the log.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+CLASS_DIR = re.compile(r"^(?:\d+[_-])?(real|fake)$", re.IGNORECASE)
+
+
+class PredictError(ValueError):
+    """Bad input (no images, unknown model reference); one line."""
+
+
+def label_from_path(path: str | Path) -> int | None:
+    """1 / 0 when the nearest real/fake folder above the file says so, else None."""
+    for part in reversed(Path(path).parent.parts):
+        m = CLASS_DIR.match(part)
+        if m:
+            return int(m.group(1).lower() == "fake")
+    return None
+
+
+def _read_list(path: Path) -> list[str]:
+    if path.suffix.lower() == ".csv":
+        df = pd.read_csv(path)
+        if "path" not in df.columns:
+            raise PredictError(f"{path}: a CSV list needs a 'path' column; got {list(df.columns)}")
+        items = df["path"].astype(str).tolist()
+    else:
+        items = [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    return [str(p if Path(p).is_absolute() else path.parent / p) for p in items]
+
+
+def collect_images(inputs: Sequence[str | Path]) -> list[str]:
+    """Image files from folders (recursive, sorted), files and .txt/.csv lists; order kept, duplicates dropped."""
+    from training.data import IMAGE_EXTENSIONS
+
+    out: list[str] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            out += sorted(str(p) for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif item.suffix.lower() in (".txt", ".csv") and item.is_file():
+            out += _read_list(item)
+        elif item.is_file():
+            out.append(str(item))
+        else:
+            raise PredictError(f"input not found: {item}")
+    out = list(dict.fromkeys(out))
+    if not out:
+        raise PredictError(f"no images found in {', '.join(map(str, inputs))}")
+    return out
+
+
+def load_scorer(model: str | None = None, run: str | None = None, checkpoint: str | None = None):
+    """An object with .predict(DataFrame path) -> DataFrame path, fake_prob, from exactly one reference."""
+    import mlflow
+
+    from evaluation.pyfunc_model import ImageEnsembleModel, member_from_checkpoint, member_from_run
+
+    if sum(x is not None for x in (model, run, checkpoint)) != 1:
+        raise PredictError("give exactly one of --model, --run or --checkpoint")
+    if model is not None:
+        try:
+            return mlflow.pyfunc.load_model(model)
+        except Exception as e:  # MlflowException, OSError: one line naming the URI
+            raise PredictError(f"cannot load model {model}: {str(e).splitlines()[0]}") from None
+    if run is not None:
+        try:
+            uri = mlflow.get_run(run).data.tags.get("image_model_uri")
+        except mlflow.exceptions.MlflowException:
+            raise PredictError(f"run {run} not found in {mlflow.get_tracking_uri()}") from None
+        if uri:
+            return mlflow.pyfunc.load_model(uri)
+        member = member_from_run(run)
+    else:
+        member = member_from_checkpoint(checkpoint)
+    model_impl = ImageEnsembleModel.from_members([member])
+    return _InProcess(model_impl)
+
+
+class _InProcess:
+    """Same call as a loaded pyfunc for a model built in this process."""
+
+    def __init__(self, impl) -> None:
+        self.impl = impl
+
+    def predict(self, df: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        return self.impl.predict(None, df, params)
+
+
+def score_images(scorer, paths: Sequence[str], batch_size: int = 32, threshold: float = 0.5
+                 ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
+    """(predictions path, fake_prob, prediction[, label]; skipped (path, reason)) for readable images."""
+    from training.data import check_image
+
+    reasons = [check_image(p) for p in paths]
+    skipped = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+    for p, r in skipped:
+        log.warning("event=image_skipped path=%s reason=%s", p, r)
+    good = [p for p, r in zip(paths, reasons) if r is None]
+    if not good:
+        raise PredictError(f"none of the {len(paths)} images is readable")
+    df = pd.DataFrame(scorer.predict(pd.DataFrame({"path": good}), params={"batch_size": batch_size}))
+    df["prediction"] = np.where(df["fake_prob"] >= threshold, "fake", "real")
+    labels = [label_from_path(p) for p in df["path"]]
+    if any(label is not None for label in labels):
+        df["label"] = pd.array(labels, dtype="Int64")
+    return df, skipped
+
+
+def labelled_metrics(df: pd.DataFrame, threshold: float = 0.5) -> dict[str, float] | None:
+    """binary_metrics (+ bootstrap AUC CI) over the labelled rows; accuracy only when one class is present."""
+    from evaluation.metrics import binary_metrics, bootstrap_ci
+
+    if "label" not in df.columns:
+        return None
+    known = df[df["label"].notna()]
+    y, s = known["label"].to_numpy(np.int64), known["fake_prob"].to_numpy(np.float64)
+    if len(np.unique(y)) < 2:
+        log.warning("event=one_class_labels n=%d: AUC and calibration need both real and fake images", len(y))
+        return {"accuracy": float(np.mean((s >= threshold) == y)), "n": float(len(y)), "n_pos": float(y.sum())}
+    out = binary_metrics(y, s, threshold)
+    out["auc_ci_low"], out["auc_ci_high"] = bootstrap_ci(y, s, "auc")
+    out["n_unlabelled"] = float(len(df) - len(known))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evaluation.predict", description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="pyfunc URI, e.g. models:/deepfake-detector@champion or runs:/ID/image_model")
+    src.add_argument("--run", help="run id: its image model, else its best checkpoint")
+    src.add_argument("--checkpoint", help="checkpoint file, run folder or runs:/RUN_ID/checkpoints/best.pt")
+    p.add_argument("--input", nargs="+", required=True, help="folders, image files or .txt/.csv lists")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write (metrics.json goes beside it)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which an image is fake")
+    p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: bars are noise
+    import mlflow
+
+    from training.checkpoints import CheckpointError
+    from training.config import TrackingConfig
+    from training.tracking import resolve_tracking_uri
+
+    mlflow.set_tracking_uri(resolve_tracking_uri(TrackingConfig(tracking_uri=a.tracking_uri)))
+    try:
+        paths = collect_images(a.input)
+        df, skipped = score_images(load_scorer(a.model, a.run, a.checkpoint), paths, a.batch_size, a.threshold)
+    except (PredictError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    metrics = labelled_metrics(df, a.threshold)
+    if metrics is not None:
+        (out.parent / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"{len(df)} images scored ({len(skipped)} skipped) -> {out}"
+          + (f"; metrics -> {out.parent / 'metrics.json'}: " + ", ".join(
+              f"{k}={metrics[k]:.4f}" for k in ("auc", "accuracy") if k in metrics) if metrics else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,341 @@
+"""The image model: 1..K trained detectors, their preprocessing, ensemble weights and temperatures as
+one MLflow pyfunc (models-from-code, no pickle).
+
+    info = log_image_model([member_from_run(rid)], name="image_model")     # inside an active run
+    m = mlflow.pyfunc.load_model("models:/deepfake-detector@champion")
+    m.predict(pd.DataFrame({"path": ["a.jpg", "b.png"]}))   # -> DataFrame path, fake_prob
+    m.predict(uint8_images_nhwc)                             # or float32 (N,3,H,W) RGB in [0, 1] -> fake_prob
+
+Each member resizes/normalises with its own eval transform (its image size, mean, std) and gives a
+logit z_k; `combine_scores` turns the (N, K) logits into P(fake) with the ensemble's rule. The
+signature declares outputs and params only: one input schema cannot hold both a path column and
+an image array, and a missing/unreadable path is reported by `predict` itself as a 400-class error.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Sequence
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+from evaluation.calibration import sigmoid
+from training.config import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+COMBINE_RULES = ("prob", "logit", "vote", "rank")  # weighted P(fake) | weighted logit | votes | ECDF ranks
+CODE_PACKAGES = ("models", "training", "augmentation", "evaluation")
+ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
+SPEC_FILE = "ensemble.json"
+REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "albumentations", "opencv-python-headless", "pillow",
+                "numpy", "pandas", "scipy", "scikit-learn", "pydantic", "pyyaml")
+MAX_REFERENCE = 2001  # validation quantiles kept per member for rank averaging
+
+
+@dataclass
+class MemberSpec:
+    """One member network: a checkpoint file ({"model": state_dict, "config": Config dict}) + its calibration."""
+
+    name: str
+    checkpoint: str
+    temperature: float = 1.0
+    threshold: float = 0.5  # P(fake) at or above which this member votes fake (rule "vote")
+    reference: list[float] | None = None  # sorted validation logits / T (rule "rank")
+
+
+def bad_input(message: str) -> MlflowException:
+    """A request error: the scoring server answers 400 with this message."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+# ------------------------------------------------------------------------------------ the maths
+def reduce_reference(values: Sequence[float]) -> list[float]:
+    """Sorted reference values, thinned to at most MAX_REFERENCE quantiles."""
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if v.size > MAX_REFERENCE:
+        v = np.quantile(v, np.linspace(0.0, 1.0, MAX_REFERENCE))
+    return v.tolist()
+
+
+def combine_scores(logits: np.ndarray, rule: str, weights: Sequence[float], temperatures: Sequence[float],
+                   thresholds: Sequence[float] | None = None,
+                   references: Sequence[Sequence[float] | None] | None = None) -> np.ndarray:
+    """(N, K) member logits -> ensemble P(fake) (N,). Member k's calibrated logit is z_k / T_k.
+
+    prob: sum_k w_k sigmoid(z_k/T_k); logit: sigmoid(sum_k w_k z_k/T_k); vote: sum_k w_k [p_k >= thr_k];
+    rank: sum_k w_k ECDF_k(z_k/T_k) against member k's validation reference (mid-rank for ties).
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape[1] != len(weights) or len(temperatures) != len(weights):
+        raise ValueError(f"logits {z.shape} do not match {len(weights)} weights / {len(temperatures)} temperatures")
+    w = np.asarray(weights, dtype=np.float64)
+    zc = z / np.asarray(temperatures, dtype=np.float64)
+    if rule == "prob":
+        return sigmoid(zc) @ w
+    if rule == "logit":
+        return sigmoid(zc @ w)
+    if rule == "vote":
+        thr = np.asarray(thresholds if thresholds is not None else [0.5] * len(w), dtype=np.float64)
+        return (sigmoid(zc) >= thr).astype(np.float64) @ w
+    if rule == "rank":
+        if references is None or any(r is None or len(r) == 0 for r in references):
+            raise ValueError("rule 'rank' needs a validation reference per member")
+        ranks = np.empty_like(zc)
+        for k, ref in enumerate(references):
+            r = np.asarray(ref, dtype=np.float64)
+            ranks[:, k] = (np.searchsorted(r, zc[:, k], "left") + np.searchsorted(r, zc[:, k], "right")) / (2 * r.size)
+        return ranks @ w
+    raise ValueError(f"unknown combine rule {rule!r}; valid: {', '.join(COMBINE_RULES)}")
+
+
+# ------------------------------------------------------------------------------------ inputs
+def images_from_input(model_input: Any) -> tuple[list[str] | None, list[np.ndarray] | np.ndarray]:
+    """(paths, []) for path inputs; (None, images (N,H,W,3) uint8 or float32 in 0..255) for arrays.
+    Bad input raises a request error (400)."""
+    if isinstance(model_input, dict):
+        model_input = pd.DataFrame({k: np.asarray(v).reshape(-1) for k, v in model_input.items()}) \
+            if "path" in model_input else np.asarray(next(iter(model_input.values()), []))
+    if isinstance(model_input, pd.Series):
+        model_input = model_input.to_frame("path")
+    if isinstance(model_input, (list, tuple)):
+        model_input = np.asarray(model_input)
+    if isinstance(model_input, pd.DataFrame):
+        if "path" not in model_input.columns:
+            raise bad_input(f"input needs a 'path' column of image files; got columns {list(model_input.columns)}")
+        paths = model_input["path"]
+        empty = [i for i, p in enumerate(paths) if not isinstance(p, str) or not p]
+        if empty:
+            raise bad_input(f"'path' must hold file paths; row(s) {empty[:5]} are empty or not strings")
+        return [str(p) for p in paths], []
+    if not isinstance(model_input, np.ndarray):
+        raise bad_input(f"unsupported input type {type(model_input).__name__}; send a DataFrame with a 'path' "
+                        "column, uint8 images (N,H,W,3) or float32 images (N,3,H,W) in [0, 1]")
+    x = model_input
+    if x.dtype.kind in "USO":
+        return images_from_input(pd.DataFrame({"path": x.reshape(-1)}))
+    if x.ndim == 3:
+        x = x[None]
+    if x.ndim != 4:
+        raise bad_input(f"image arrays must be (N,H,W,3) uint8 or (N,3,H,W) float in [0, 1]; got shape {x.shape}")
+    if x.dtype.kind in "iu":
+        if x.shape[-1] != 3 or x.min(initial=0) < 0 or x.max(initial=0) > 255:
+            raise bad_input(f"integer images must be (N,H,W,3) with values 0..255; got shape {x.shape}")
+        return None, x.astype(np.uint8)
+    if x.dtype.kind == "f":
+        if x.shape[1] != 3:
+            raise bad_input(f"float images must be channels-first (N,3,H,W); got shape {x.shape}")
+        if not np.isfinite(x).all() or x.min(initial=0) < 0 or x.max(initial=0) > 1:
+            raise bad_input("float images must hold RGB values in [0, 1] (not normalised); "
+                            f"got range [{np.nanmin(x):.3g}, {np.nanmax(x):.3g}]")
+        return None, np.ascontiguousarray(x.transpose(0, 2, 3, 1), dtype=np.float32) * 255.0
+    raise bad_input(f"unsupported image dtype {x.dtype}")
+
+
+def load_image(path: str, size_hint: int | None = None) -> np.ndarray:
+    """uint8 RGB (H,W,3) decoded as training does; a missing or undecodable file is a request error."""
+    from training.data import load_rgb
+
+    if not Path(path).is_file():
+        raise bad_input(f"image not found: {path}")
+    try:
+        return load_rgb(path, size_hint)
+    except Exception as e:  # PIL raises many types for non-images / truncated files
+        raise bad_input(f"not a readable image: {path} ({type(e).__name__}: {str(e)[:120]})") from None
+
+
+# ------------------------------------------------------------------------------------ the model
+class _Member:
+    """A rebuilt detector with its eval transform and test-time augmentation flag."""
+
+    def __init__(self, checkpoint_file: str, device: torch.device) -> None:
+        from augmentation.policies import build_transform
+        from models import create_detector
+        from training.config import Config
+        from training.data import decode_size
+
+        ckpt = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or "config" not in ckpt:
+            raise ValueError(f"{checkpoint_file} holds no 'config'; a training checkpoint (best.pt) is needed")
+        cfg = Config.model_validate(ckpt["config"])
+        model_cfg = cfg.model.model_copy(update={"pretrained": False, "pretrained_path": None})
+        self.net = create_detector(model_cfg, cfg.loss.num_outputs, image_size=cfg.data.image_size)
+        self.net.load_state_dict(ckpt["model"])
+        self.net.to(device).eval()
+        dc = self.net.data_config
+        self.transform = build_transform("none", cfg.data.image_size, dc["mean"], dc["std"], train=False,
+                                         center_crop=cfg.data.center_crop)
+        self.tta, self.device = cfg.train.use_tta, device
+        self.size = decode_size(cfg.data.image_size, cfg.data.center_crop)
+
+    @torch.inference_mode()
+    def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        x = torch.stack([self.transform(image=im)["image"] for im in images]).to(self.device)
+        out = self.net(x).float()
+        if self.tta:  # as training.inference.predict: mean of original and flipped logits
+            out = (out + self.net(torch.flip(x, dims=[3])).float()) / 2
+        z = out[:, 0] if out.shape[1] == 1 else out[:, 1] - out[:, 0]
+        return z.cpu().numpy().astype(np.float64)
+
+
+class ImageEnsembleModel(mlflow.pyfunc.PythonModel):
+    """pyfunc: image paths or arrays -> P(fake) from 1..K member detectors combined by `rule`."""
+
+    def load_context(self, context) -> None:
+        spec = json.loads(Path(context.artifacts["ensemble_spec"]).read_text())
+        files = [context.artifacts[m["artifact"]] for m in spec["members"]]
+        self.setup(spec, files, (context.model_config or {}).get("device", "auto"))
+
+    def setup(self, spec: dict[str, Any], checkpoint_files: Sequence[str],
+              device: str = "auto") -> "ImageEnsembleModel":
+        """Build the members from a spec (as written to ensemble.json) and their checkpoint files."""
+        self.spec = spec
+        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if device == "auto" else device))
+        self.members = [_Member(f, dev) for f in checkpoint_files]
+        return self
+
+    @classmethod
+    def from_members(cls, members: Sequence[MemberSpec], weights: Sequence[float] | None = None,
+                     rule: str = "prob", device: str = "auto") -> "ImageEnsembleModel":
+        """An in-process model (no MLflow logging), e.g. for `evaluation.predict --run/--checkpoint`."""
+        spec = make_spec(members, weights, rule)
+        return cls().setup(spec, [m.checkpoint for m in members], device)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
+        """DataFrame `path` -> DataFrame path, fake_prob; image array -> DataFrame fake_prob.
+
+        The hint says DataFrame because MLflow validates (and rejects arrays for) any other hint; arrays,
+        lists of paths and {"path": [...]} dicts are accepted too (see `images_from_input`)."""
+        paths, arrays = images_from_input(model_input)
+        batch = int((params or {}).get("batch_size") or 32)
+        n = len(paths) if paths is not None else len(arrays)
+        if paths is not None:
+            missing = [p for p in paths if not Path(p).is_file()]
+            if missing:
+                more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
+                raise bad_input(f"image not found: {', '.join(missing[:3])}{more}")
+        logits = np.zeros((n, len(self.members)))
+        for start in range(0, n, batch):
+            decoded: dict[int, list[np.ndarray]] = {}  # per member image size: JPEG draft decode as in training
+            for k, member in enumerate(self.members):
+                if paths is None:
+                    images = list(arrays[start:start + batch])
+                else:
+                    if member.size not in decoded:
+                        decoded[member.size] = [load_image(p, member.size) for p in paths[start:start + batch]]
+                    images = decoded[member.size]
+                logits[start:start + batch, k] = member.logits(images)
+        s = self.spec
+        prob = combine_scores(logits, s["rule"], s["weights"], [m["temperature"] for m in s["members"]],
+                              [m["threshold"] for m in s["members"]], [m.get("reference") for m in s["members"]])
+        out = pd.DataFrame({"fake_prob": np.clip(prob, 0.0, 1.0)})
+        if paths is not None:
+            out.insert(0, "path", paths)
+        return out
+
+
+# ------------------------------------------------------------------------------------ logging
+def make_spec(members: Sequence[MemberSpec], weights: Sequence[float] | None, rule: str) -> dict[str, Any]:
+    """The JSON-able description of an ensemble (weights default to equal; must be >= 0, sum 1)."""
+    if not members:
+        raise ValueError("an image model needs at least one member")
+    if rule not in COMBINE_RULES:
+        raise ValueError(f"unknown combine rule {rule!r}; valid: {', '.join(COMBINE_RULES)}")
+    w = np.full(len(members), 1.0 / len(members)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(members),) or (w < 0).any() or abs(w.sum() - 1.0) > 1e-6:
+        raise ValueError(f"weights must be {len(members)} non-negative numbers summing to 1; got {w.tolist()}")
+    if rule == "rank" and any(m.reference is None for m in members):
+        raise ValueError("rule 'rank' needs each member's validation reference")
+    return {"format_version": 1, "rule": rule, "weights": w.tolist(),
+            "members": [{**{k: v for k, v in asdict(m).items() if k != "checkpoint"}, "artifact": f"member_{i}"}
+                        for i, m in enumerate(members)]}
+
+
+def save_member(state_dict: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path) -> Path:
+    """Write a member checkpoint: weights + the Config dict that rebuilds the network (atomic)."""
+    from training.checkpoints import atomic_save
+
+    return atomic_save({"model": state_dict, "config": config}, path)
+
+
+def member_from_checkpoint(ref: str | Path, *, name: str | None = None, **calibration: Any) -> MemberSpec:
+    """A member from a checkpoint file, run folder or runs:/RUN_ID/path (downloaded when remote)."""
+    from training.checkpoints import resolve_checkpoint_path
+
+    path = resolve_checkpoint_path(ref)
+    return MemberSpec(name=name or Path(path).stem, checkpoint=str(path), **calibration)
+
+
+def member_from_run(run_id: str, **calibration: Any) -> MemberSpec:
+    """A run's best checkpoint: the checkpoints/best.pt artifact, else best.pt in its local run_dir."""
+    from training.checkpoints import CheckpointError
+
+    try:
+        return member_from_checkpoint(f"runs:/{run_id}/checkpoints/best.pt", name=run_id, **calibration)
+    except CheckpointError as first:
+        run_dir = mlflow.get_run(run_id).data.tags.get("run_dir")
+        if run_dir and (Path(run_dir) / "best.pt").is_file():
+            return member_from_checkpoint(Path(run_dir) / "best.pt", name=run_id, **calibration)
+        raise CheckpointError(f"run {run_id} has no checkpoint (no checkpoints/best.pt artifact, no run_dir/best.pt): "
+                              f"{first}") from None
+
+
+def pip_requirements() -> list[str]:
+    """Pinned requirements of the installed stack (explicit: MLflow's inference is slow and incomplete)."""
+    out = []
+    for dist in REQUIREMENTS:
+        try:
+            out.append(f"{dist}=={metadata.version(dist).split('+')[0]}")
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def signature() -> "mlflow.models.ModelSignature":
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(outputs=Schema([ColSpec("string", "path", required=False), ColSpec("double", "fake_prob")]),
+                          params=ParamSchema([ParamSpec("batch_size", "long", 32)]))
+
+
+def log_image_model(members: Sequence[MemberSpec], weights: Sequence[float] | None = None, name: str = "image_model",
+                    *, rule: str = "prob", example_path: str | None = None, tags: dict[str, str] | None = None
+                    ) -> "mlflow.models.model.ModelInfo":
+    """Log the members as one pyfunc model into the active run; tags the run `image_model_uri`."""
+    from training.checkpoints import load_checkpoint
+
+    if mlflow.active_run() is None:
+        raise RuntimeError("log_image_model needs an active MLflow run")
+    spec = make_spec(members, weights, rule)
+    with tempfile.TemporaryDirectory(prefix="image_model-") as tmp:
+        artifacts = {"ensemble_spec": str(Path(tmp) / SPEC_FILE)}
+        Path(artifacts["ensemble_spec"]).write_text(json.dumps(spec))
+        for i, m in enumerate(members):  # slim copies: weights + config only (no optimizer state)
+            ckpt = load_checkpoint(m.checkpoint)
+            if "config" not in ckpt:
+                raise ValueError(f"checkpoint {m.checkpoint} has no 'config'; cannot rebuild the network")
+            artifacts[f"member_{i}"] = str(save_member(ckpt["model"], ckpt["config"], Path(tmp) / f"member_{i}.pt"))
+        if example_path and Path(example_path).is_file():
+            example: Any = pd.DataFrame({"path": [str(example_path)]})
+        else:
+            example = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+        info = mlflow.pyfunc.log_model(
+            name=name, python_model=str(ENTRY_FILE), artifacts=artifacts,
+            code_paths=[str(REPO_ROOT / p) for p in CODE_PACKAGES], model_config={"device": "auto"},
+            signature=signature(), input_example=example, pip_requirements=pip_requirements(),
+            tags={"members": ",".join(m.name for m in members)[:4000], "rule": rule, **(tags or {})},
+        )
+    mlflow.set_tag("image_model_uri", info.model_uri)
+    log.info("event=image_model_logged uri=%s members=%d rule=%s", info.model_uri, len(members), rule)
+    return info

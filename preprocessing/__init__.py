@@ -1,0 +1,1 @@
+"""Preprocessing stages that run before training: videos (or photos) -> aligned face crops."""

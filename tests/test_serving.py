@@ -1,0 +1,152 @@
+"""The image model in use: request errors, arrays, the predict CLI and `mlflow models serve`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.exceptions import MlflowException
+
+from evaluation.predict import label_from_path
+from evaluation.predict import main as predict_main
+from evaluation.pyfunc_model import ImageEnsembleModel, log_image_model, member_from_checkpoint
+from test_ensemble import demo_images, tiny_member
+
+NAME = "deepfake-detector"
+
+
+@pytest.fixture
+def model(tmp_path: Path) -> ImageEnsembleModel:
+    return ImageEnsembleModel.from_members([member_from_checkpoint(tiny_member(tmp_path, 0, 32))], device="cpu")
+
+
+def test_arrays_score_like_files_and_bad_requests_name_the_path(model: ImageEnsembleModel, tmp_path: Path) -> None:
+    from training.data import load_rgb
+
+    paths = demo_images(1)
+    by_path = model.predict(None, pd.DataFrame({"path": paths}))
+    u8 = np.stack([load_rgb(p, 32) for p in paths])  # same decode as the path route (JPEG draft at 32 px)
+    by_array = model.predict(None, u8)
+    assert list(by_array.columns) == ["fake_prob"]
+    np.testing.assert_allclose(by_array["fake_prob"], by_path["fake_prob"], atol=1e-6)
+    by_float = model.predict(None, (u8.transpose(0, 3, 1, 2) / 255.0).astype(np.float32))
+    np.testing.assert_allclose(by_float["fake_prob"], by_path["fake_prob"], atol=1e-3)
+    not_image = tmp_path / "notes.jpg"
+    not_image.write_text("not an image")
+    cases = {str(tmp_path / "missing.jpg"): "image not found", str(not_image): "not a readable image"}
+    for path, message in cases.items():
+        with pytest.raises(MlflowException, match=message) as exc:
+            model.predict(None, pd.DataFrame({"path": [paths[0], path]}))
+        assert path in str(exc.value) and exc.value.error_code == "INVALID_PARAMETER_VALUE"
+    for bad in (pd.DataFrame({"file": paths}), np.full((1, 3, 8, 8), 2.0, np.float32), np.zeros((2, 8), np.uint8)):
+        with pytest.raises(MlflowException) as exc:
+            model.predict(None, bad)
+        assert exc.value.get_http_status_code() == 400
+
+
+def test_label_from_path() -> None:
+    assert label_from_path("/d/fake/faceswap/x.jpg") == 1
+    assert label_from_path("/d/0_real/x.png") == 0
+    assert label_from_path("/d/unknown/x.png") is None
+
+
+def test_predict_cli_writes_predictions_and_metrics(tmp_path: Path) -> None:
+    ckpt = tiny_member(tmp_path, 0, 32)
+    listing = tmp_path / "list.txt"
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")  # zero bytes: skipped with a warning, not a crash
+    listing.write_text("\n".join(demo_images(3) + [str(empty)]))
+    out = tmp_path / "out" / "preds.csv"
+    assert predict_main(["--checkpoint", str(ckpt), "--input", str(listing), "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert list(df.columns) == ["path", "fake_prob", "prediction", "label"] and len(df) == 6
+    assert df["fake_prob"].between(0, 1).all() and set(df["label"]) == {0, 1}
+    metrics = json.loads((out.parent / "metrics.json").read_text())
+    assert {"auc", "accuracy", "ece", "auc_ci_low", "auc_ci_high"} <= set(metrics)
+    assert predict_main(["--checkpoint", str(ckpt), "--input", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.slow
+def test_served_champion_answers_an_image_with_a_score(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("serve", artifact_location=(tmp_path / "a").as_uri()))
+    image = demo_images(1)[0]
+    with mlflow.start_run():
+        info = log_image_model([member_from_checkpoint(tiny_member(tmp_path, 0, 32))], example_path=image)
+    mv = mlflow.register_model(info.model_uri, NAME)
+    mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", mv.version)
+
+    port = _free_port()
+    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    log_file = (tmp_path / "serve.log").open("wb")
+    proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
+                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("server did not answer /ping within 180 s:\n" + (tmp_path / "serve.log").read_text()[-2000:])
+        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["path"], "data": [[image]]}})
+        assert status == 200, body
+        (row,) = body["predictions"]
+        assert row["path"] == image and 0.0 <= row["fake_prob"] <= 1.0
+        missing = str(tmp_path / "no-such-image.jpg")
+        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["path"], "data": [[missing]]}})
+        assert 400 <= status < 500 and missing in body["message"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: pid == pgid, uvicorn workers included
+        deadline = time.time() + 30
+        while _group_alive(proc.pid) and time.time() < deadline:
+            proc.poll()
+            time.sleep(0.2)
+        alive = _group_alive(proc.pid)
+        if alive:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        log_file.close()
+    assert not alive, "server processes left after SIGTERM to the group"

@@ -1,0 +1,444 @@
+"""Datasets and loaders: find the images, split them, decode and augment them.
+
+Layouts (`data.data_dir`):
+  (a) DIR/{train,val,test}/{real,fake}/**   (val may be missing: carved out of train; test optional)
+  (b) DIR/{real,fake}/**                    split stratified by `data.split` with the seed; with
+      `data.group_by` ("folder" or a file-name regex) a group never straddles splits
+  (c) FILE.csv with columns path,label[,group][,split][,subset] (relative paths: relative to the CSV)
+Class folders match real|fake case-insensitively, also with a numeric prefix (0_real, 1_fake).
+The first sub-folder under real/ or fake/ is the sample's subset (e.g. the FF++ manipulation).
+Label 1 = fake. `data_dir: null` uses the generated demo set.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from augmentation.policies import build_transform, seed_transform
+from training.config import Config, DataConfig
+
+log = logging.getLogger(__name__)
+
+LABELS = ("real", "fake")  # label 0, label 1
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+_CLASS_RE = re.compile(r"^(?:\d+[_-])?(real|fake)$", re.IGNORECASE)
+_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
+                  "validation": "val", "dev": "val", "test": "test", "testing": "test"}
+_LABEL_WORDS = {"real": 0, "0": 0, "fake": 1, "1": 1}
+EXPECTED_LAYOUT = ("expected DIR/{train,val,test}/{real,fake}/, DIR/{real,fake}/, "
+                   "or a CSV with columns path,label[,group][,split][,subset]")
+
+
+class DataError(ValueError):
+    """A data problem the user must fix; the message is one line naming the folder/file and the fix."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str
+    label: int  # 1 = fake
+    group: str | None = None
+    subset: str | None = None
+
+
+@dataclass
+class DataIndex:
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    source: str = ""
+    digest: str = ""
+
+    def split(self, name: str) -> list[Sample]:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        """{"train": {"real": n, "fake": m}, "val": ..., "test": ...}."""
+        return {s: {name: sum(x.label == lab for x in self.split(s)) for lab, name in enumerate(LABELS)}
+                for s in SPLITS}
+
+    def subsets(self, split: str) -> dict[str, int]:
+        """Sample count per subset (None -> "-") in one split."""
+        out: dict[str, int] = {}
+        for x in self.split(split):
+            out[x.subset or "-"] = out.get(x.subset or "-", 0) + 1
+        return out
+
+
+def pos_weight(index: DataIndex) -> float:
+    """n_real / n_fake on train: BCE's pos_weight for a class-balanced loss."""
+    counts = index.class_counts()["train"]
+    return counts["real"] / max(counts["fake"], 1)
+
+
+# ------------------------------------------------------------------------------------- scanning
+def check_image(path: str) -> str | None:
+    """A cheap readability check: None if fine, else the reason (zero bytes, not an image, ...)."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "zero bytes"
+        with Image.open(path) as img:
+            fmt = img.format
+            img.verify()
+        if fmt == "JPEG":  # verify() does not read JPEG data: decode only when the end marker is missing
+            with open(path, "rb") as f:
+                f.seek(max(0, os.path.getsize(path) - 1024))
+                if b"\xff\xd9" not in f.read():
+                    with Image.open(path) as img:
+                        img.load()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}"
+    return None
+
+
+def _filter_readable(samples: list[Sample], skipped: list[tuple[str, str]]) -> list[Sample]:
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        reasons = list(pool.map(check_image, [s.path for s in samples]))
+    good = []
+    for s, reason in zip(samples, reasons):
+        if reason is None:
+            good.append(s)
+        else:
+            skipped.append((s.path, reason))
+    return good
+
+
+def _class_dirs(folder: Path) -> dict[int, Path]:
+    out: dict[int, Path] = {}
+    for d in sorted(p for p in folder.iterdir() if p.is_dir()):
+        m = _CLASS_RE.match(d.name)
+        if m:
+            out.setdefault(_LABEL_WORDS[m.group(1).lower()], d)
+    return out
+
+
+def _group_key(rel: Path, group_by: str | None, pattern: re.Pattern[str] | None) -> str | None:
+    if group_by is None:
+        return None
+    if group_by == "folder":
+        return rel.parent.as_posix() if rel.parent != Path(".") else None
+    m = pattern.search(rel.name) if pattern else None
+    return (m.group(1) if m and m.groups() else m.group(0)) if m else None
+
+
+def _scan_class_dirs(folder: Path, data_cfg: DataConfig) -> list[Sample]:
+    dirs = _class_dirs(folder)
+    for label, name in enumerate(LABELS):
+        if label not in dirs:
+            raise DataError(f"missing folder {folder / name}: {EXPECTED_LAYOUT}")
+    pattern = _compile_group(data_cfg.group_by)
+    samples: list[Sample] = []
+    for label, d in sorted(dirs.items()):
+        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
+                       and not any(part.startswith(".") for part in p.relative_to(d).parts) and p.is_file())
+        if not files:
+            raise DataError(f"empty class: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {d}")
+        for p in files:
+            rel = p.relative_to(d)
+            subset = rel.parts[0] if len(rel.parts) > 1 else None
+            samples.append(Sample(str(p), label, _group_key(rel, data_cfg.group_by, pattern), subset))
+    return samples
+
+
+def _compile_group(group_by: str | None) -> re.Pattern[str] | None:
+    if group_by in (None, "folder"):
+        return None
+    try:
+        return re.compile(group_by)
+    except re.error as e:
+        raise DataError(f"data.group_by={group_by!r} is not a valid regex ({e}); use 'folder' or a pattern "
+                        r"whose first group is the key, e.g. '^(.+)_\d+\.jpg$'") from None
+
+
+def _scan_csv(path: Path) -> tuple[list[Sample], list[str | None]]:
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        cols = [c.strip().lower() for c in reader.fieldnames or []]
+        if "path" not in cols or "label" not in cols:
+            raise DataError(f"{path}: needs columns path,label (optional group,split,subset); found {','.join(cols) or 'none'}")
+        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    samples, splits = [], []
+    for n, r in enumerate(rows, start=2):
+        label = _LABEL_WORDS.get(r["label"].lower())
+        if label is None:
+            raise DataError(f"{path} line {n}: label {r['label']!r} must be real/fake or 0/1")
+        split = r.get("split") or None
+        if split is not None and split.lower() not in _SPLIT_ALIASES:
+            raise DataError(f"{path} line {n}: split {split!r} must be train, val or test")
+        p = Path(r["path"]).expanduser()
+        samples.append(Sample(str(p if p.is_absolute() else path.parent / p), label,
+                              r.get("group") or None, r.get("subset") or None))
+        splits.append(_SPLIT_ALIASES[split.lower()] if split else None)
+    if not samples:
+        raise DataError(f"{path}: no rows; expected columns path,label[,group][,split][,subset]")
+    if "split" in cols and None in splits and any(splits):
+        raise DataError(f"{path}: the split column is empty on some rows; fill it for every row or drop it")
+    return samples, splits
+
+
+def scan(data_cfg: DataConfig, seed: int) -> DataIndex:
+    """Find, check and split the images of `data_cfg.data_dir` (None: the demo set)."""
+    if data_cfg.data_dir is None:
+        from training.demo_data import ensure_demo_data
+
+        root = ensure_demo_data()
+    else:
+        root = Path(data_cfg.data_dir).expanduser()
+    source = str(data_cfg.data_dir) if data_cfg.data_dir is not None else str(root)
+    if not root.exists():
+        raise DataError(f"data.data_dir not found: {root} ({EXPECTED_LAYOUT})")
+    skipped: list[tuple[str, str]] = []
+    fixed: dict[str, list[Sample]] | None = None
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise DataError(f"data.data_dir {root} is a file but not a .csv; {EXPECTED_LAYOUT}")
+        rel_root = root.parent
+        samples, splits = _scan_csv(root)
+        missing = [s for s in samples if not os.path.isfile(s.path)]
+        skipped += [(s.path, "file not found") for s in missing]
+        keep = {id(s) for s in _filter_readable([s for s in samples if os.path.isfile(s.path)], skipped)}
+        if any(splits):
+            fixed = {k: [s for s, sp in zip(samples, splits) if sp == k and id(s) in keep] for k in SPLITS}
+        samples = [s for s in samples if id(s) in keep]
+    else:
+        rel_root = root
+        subdirs = {_SPLIT_ALIASES.get(p.name.lower()): p for p in sorted(root.iterdir()) if p.is_dir()}
+        if "train" in subdirs:
+            fixed = {k: _filter_readable(_scan_class_dirs(subdirs[k], data_cfg), skipped) if k in subdirs else []
+                     for k in SPLITS}
+            samples = [s for k in SPLITS for s in fixed[k]]
+        elif _class_dirs(root):
+            samples = _filter_readable(_scan_class_dirs(root, data_cfg), skipped)
+        else:
+            raise DataError(f"unknown layout in {root}: {EXPECTED_LAYOUT}")
+    _warn_skipped(skipped, source)
+    if not samples:
+        raise DataError(f"no readable images in {source}; {EXPECTED_LAYOUT}")
+    _check_classes(samples, source)
+    if fixed is None:
+        parts = split_samples(samples, data_cfg.split, seed)
+    elif not fixed["val"]:  # only train (and maybe test) given: carve val out of train
+        tr, va, _ = data_cfg.split
+        carve = split_samples(fixed["train"], (tr / (tr + va), va / (tr + va), 0.0), seed)
+        parts = {"train": carve["train"], "val": carve["val"], "test": fixed["test"]}
+    else:
+        parts = fixed
+    if data_cfg.max_samples_per_split:
+        parts = {k: cap_split(v, data_cfg.max_samples_per_split, seed) for k, v in parts.items()}
+    for name in SPLITS:
+        _check_split(name, parts[name], source, required=name != "test")
+    index = DataIndex(parts["train"], parts["val"], parts["test"], skipped, source,
+                      data_digest(parts, rel_root))
+    log.info("data=%s digest=%s skipped=%d %s", source, index.digest, len(skipped),
+             " ".join(f"{k}_{c}={n}" for k, v in index.class_counts().items() for c, n in v.items()))
+    return index
+
+
+def _warn_skipped(skipped: list[tuple[str, str]], source: str) -> None:
+    if skipped:
+        first = "; ".join(f"{p} ({r})" for p, r in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning("skipped %d unreadable file(s) in %s: %s%s", len(skipped), source, first, more)
+
+
+def _check_classes(samples: list[Sample], source: str) -> None:
+    for label, name in enumerate(LABELS):
+        if not any(s.label == label for s in samples):
+            raise DataError(f"empty class: no readable {name} images in {source}")
+
+
+def _check_split(name: str, samples: list[Sample], source: str, required: bool) -> None:
+    if not samples:
+        if required:
+            raise DataError(f"the {name} split of {source} is empty; add images or change data.split")
+        return
+    n_fake = sum(s.label for s in samples)
+    if n_fake in (0, len(samples)):
+        only = "fake" if n_fake else "real"
+        raise DataError(f"the {name} split of {source} has only {only} images ({len(samples)}); "
+                        f"both classes are needed: add images or change data.split/data.group_by")
+
+
+def data_digest(parts: dict[str, list[Sample]], root: Path) -> str:
+    """Short sha1 over sorted (relative path, label, split) lines."""
+    lines = sorted(f"{os.path.relpath(s.path, root)}\t{s.label}\t{k}" for k, v in parts.items() for s in v)
+    return hashlib.sha1("\n".join(lines).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------- splitting
+def _quota(n: int, fractions: Sequence[float]) -> list[int]:
+    """Integer shares of n by fractions (largest remainder), summing to n."""
+    raw = [n * f for f in fractions]
+    out = [int(x) for x in raw]
+    for i in sorted(range(len(raw)), key=lambda j: out[j] - raw[j])[: n - sum(out)]:
+        out[i] += 1
+    return out
+
+
+def split_samples(samples: Sequence[Sample], fractions: Sequence[float], seed: int) -> dict[str, list[Sample]]:
+    """Seeded split stratified by label; samples sharing a group stay in one split.
+
+    Groups (ungrouped samples are groups of one) are visited in random order and each goes to the
+    split whose per-class counts it brings closest to the targets (chi-square-like cost), so an
+    ungrouped split hits the per-class targets exactly.
+    """
+    units: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        units.setdefault(s.group if s.group is not None else f"\0{i:09d}", []).append(i)
+    keys = sorted(units)
+    labels = np.array([s.label for s in samples])
+    target = np.array([_quota(int((labels == c).sum()), fractions) for c in (0, 1)], float).T  # (split, class)
+    weight = 1.0 / np.maximum(target, 1.0)
+    cur = np.zeros_like(target)
+    allowed = np.array(fractions) > 0
+    assign = np.zeros(len(samples), int)
+    for j in np.random.default_rng(seed).permutation(len(keys)):
+        members = units[keys[j]]
+        g = np.bincount(labels[members], minlength=2)
+        cost = (((cur + g - target) ** 2 - (cur - target) ** 2) * weight).sum(1)
+        k = int(np.argmin(np.where(allowed, cost, np.inf)))
+        cur[k] += g
+        assign[members] = k
+    return {name: [s for s, a in zip(samples, assign) if a == k] for k, name in enumerate(SPLITS)}
+
+
+def cap_split(samples: list[Sample], cap: int, seed: int) -> list[Sample]:
+    """At most `cap` samples, drawn per class in proportion (each present class keeps >= 1), seeded."""
+    if len(samples) <= cap:
+        return samples
+    labels = np.array([s.label for s in samples])
+    counts = [int((labels == c).sum()) for c in (0, 1)]
+    quota = _quota(cap, [n / len(samples) for n in counts])
+    for c in (0, 1):  # a rare class must not vanish from the split
+        if counts[c] and not quota[c]:
+            quota[c], quota[1 - c] = 1, quota[1 - c] - 1
+    rng = np.random.default_rng(seed)
+    keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), quota[c], replace=False) for c in (0, 1)])
+    return [samples[i] for i in sorted(keep.tolist())]
+
+
+# ------------------------------------------------------------------------------------- loading
+def load_rgb(path: str, size_hint: int | None = None) -> np.ndarray:
+    """Decode any PIL-readable image to uint8 RGB (H, W, 3); JPEGs are DCT-downscaled toward size_hint."""
+    with Image.open(path) as img:
+        if size_hint and img.format == "JPEG":
+            img.draft(img.mode, (size_hint, size_hint))
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float32)
+            scale = 257.0 if arr.max(initial=0) > 255 else 1.0
+            img = Image.fromarray(np.clip(arr / scale + 0.5, 0, 255).astype(np.uint8), "L")
+        elif img.mode == "F":
+            img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+        elif img.mode == "P" and "transparency" in img.info:
+            img = img.convert("RGBA")
+        return np.asarray(img.convert("RGB"))
+
+
+def decode_size(image_size: int, center_crop: float | None) -> int:
+    """The JPEG draft size to decode at so that a central crop still covers image_size pixels."""
+    return int(round(image_size / (center_crop or 1.0)))
+
+
+class ImageDataset(Dataset):
+    """(image tensor, label float, index) per sample; None when the file cannot be decoded."""
+
+    def __init__(self, samples: Sequence[Sample], transform, image_size: int) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.image_size = image_size
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, float, int] | None:
+        s = self.samples[i]
+        try:
+            image = self.transform(image=load_rgb(s.path, self.image_size))["image"]
+        except Exception as e:  # a file that passed the scan but fails to decode: drop, never crash
+            if s.path not in self._warned:
+                self._warned.add(s.path)
+                log.warning("unreadable image dropped: %s (%s: %s)", s.path, type(e).__name__, e)
+            return None
+        return image, float(s.label), i
+
+
+def collate_drop_none(batch: list, image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stack (images, labels float32, indices int64), dropping None items. A batch where every item
+    failed is returned empty: images (0, 3, S, S); the trainer skips it."""
+    good = [b for b in batch if b is not None]
+    if len(good) < len(batch):
+        log.warning("dropped %d unreadable image(s) from a batch of %d", len(batch) - len(good), len(batch))
+    if not good:
+        return (torch.empty(0, 3, image_size, image_size), torch.empty(0), torch.empty(0, dtype=torch.int64))
+    images, labels, idx = zip(*good)
+    return torch.stack(images), torch.tensor(labels, dtype=torch.float32), torch.tensor(idx, dtype=torch.int64)
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy, random and the worker's albumentations pipeline from torch's per-worker seed."""
+    import random
+
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    if info is not None and isinstance(info.dataset, ImageDataset):
+        seed_transform(info.dataset.transform, seed)
+
+
+def balanced_sampler(samples: Sequence[Sample], generator: torch.Generator) -> WeightedRandomSampler:
+    """Draw classes equally often (with replacement), len(samples) draws per epoch."""
+    labels = torch.tensor([s.label for s in samples])
+    counts = torch.bincount(labels, minlength=2).clamp(min=1).double()
+    return WeightedRandomSampler((1.0 / counts)[labels], num_samples=len(samples), replacement=True,
+                                 generator=generator)
+
+
+def build_loaders(index: DataIndex, cfg: Config, mean: Sequence[float], std: Sequence[float], *,
+                  device_type: str = "cpu") -> dict[str, DataLoader]:
+    """DataLoaders "train", "val" and "test" (if non-empty); batches are (images, labels, indices)."""
+    d, seed = cfg.data, cfg.train.seed
+    size = d.image_size
+    collate = partial(collate_drop_none, image_size=size)
+    loaders: dict[str, DataLoader] = {}
+    for k, name in enumerate(SPLITS):
+        samples = index.split(name)
+        if not samples:
+            continue
+        train = name == "train"
+        transform = build_transform(d.aug_policy if train else "none", size, mean, std, train, seed=seed + k,
+                                    center_crop=d.center_crop)
+        gen = torch.Generator().manual_seed(seed + k)
+        sampler = balanced_sampler(samples, gen) if train and d.balance == "sampler" else None
+        loaders[name] = DataLoader(
+            ImageDataset(samples, transform, decode_size(size, d.center_crop)),
+            batch_size=d.batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=d.num_workers,
+            collate_fn=collate,
+            pin_memory=device_type == "cuda",
+            drop_last=train and len(samples) > d.batch_size,
+            generator=gen,
+            worker_init_fn=seed_worker,
+            # the train loader's workers restart each epoch so they pick up the epoch's seed (exact resume)
+            persistent_workers=d.num_workers > 0 and not train,
+        )
+    return loaders

@@ -1,0 +1,200 @@
+"""The one module that talks to MLflow during training: store, run lifecycle, params, metrics, artifacts, model."""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from training.config import REPO_ROOT, Config, TrackingConfig
+
+log = logging.getLogger(__name__)
+DEFAULT_STORE = REPO_ROOT / "mlruns"
+
+
+def resolve_tracking_uri(tcfg: TrackingConfig) -> str:
+    """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db."""
+    if tcfg.tracking_uri:
+        return tcfg.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    DEFAULT_STORE.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
+
+
+def artifact_root_for(uri: str) -> Path:
+    """Artifacts live beside a sqlite store (…/mlruns/artifacts), never under the process's CWD."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
+    return DEFAULT_STORE / "artifacts"
+
+
+def configure_mlflow(tcfg: TrackingConfig) -> str:
+    """Set the tracking URI and experiment (created with an explicit artifact_location); return its id."""
+    import mlflow
+
+    uri = resolve_tracking_uri(tcfg)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.get_experiment_by_name(tcfg.experiment_name)
+    if exp is None:
+        location = artifact_root_for(uri) / tcfg.experiment_name
+        try:
+            eid = mlflow.create_experiment(tcfg.experiment_name, artifact_location=location.as_uri())
+        except Exception:  # created meanwhile by another worker
+            exp = mlflow.get_experiment_by_name(tcfg.experiment_name)
+            if exp is None:
+                raise
+            eid = exp.experiment_id
+    else:
+        eid = exp.experiment_id
+    mlflow.set_experiment(experiment_id=eid)
+    return eid
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def ui_link(experiment_id: str, run_id: str | None = None, port: int = 5000) -> str:
+    base = f"http://127.0.0.1:{port}/#/experiments/{experiment_id}"
+    return f"{base}/runs/{run_id}?workflowType=machine_learning" if run_id else f"{base}/runs?workflowType=machine_learning"
+
+
+class ScoreModel(torch.nn.Module):
+    """Wraps a detector so the logged model maps images (N,3,H,W) to P(fake) (N,1)."""
+
+    def __init__(self, detector: torch.nn.Module) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.detector(x)
+        if logits.shape[1] == 1:
+            return torch.sigmoid(logits)
+        return torch.softmax(logits, dim=1)[:, 1:2]
+
+
+class RunTracker:
+    """Context manager around one MLflow run. Reuses an active run (sweep trials), resumes a run id,
+    or starts a new run. A no-op when tracking is disabled."""
+
+    def __init__(self, cfg: Config, resume_run_id: str | None = None) -> None:
+        self.cfg = cfg
+        self.enabled = cfg.tracking.enabled
+        self.resume_run_id = resume_run_id
+        self.owns_run = False
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+
+    def __enter__(self) -> "RunTracker":
+        if not self.enabled:
+            return self
+        import mlflow
+
+        active = mlflow.active_run()
+        if active is not None:
+            self.run_id, self.experiment_id = active.info.run_id, active.info.experiment_id
+            return self
+        self.experiment_id = configure_mlflow(self.cfg.tracking)
+        if self.resume_run_id:
+            run = mlflow.start_run(run_id=self.resume_run_id, log_system_metrics=self.cfg.tracking.system_metrics)
+        else:
+            run = mlflow.start_run(run_name=self.cfg.tracking.run_name, log_system_metrics=self.cfg.tracking.system_metrics)
+        self.owns_run = True
+        self.run_id = run.info.run_id
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not (self.enabled and self.owns_run):
+            return
+        import mlflow
+
+        if exc_type is None:
+            status = "FINISHED"
+        elif issubclass(exc_type, KeyboardInterrupt) or exc_type.__name__ == "TrialPruned":
+            status = "KILLED"
+        else:
+            status = "FAILED"
+        mlflow.end_run(status=status)
+
+    # ------------------------------------------------------------------ logging
+    def log_start(self, tags: dict[str, str], params_extra: dict[str, Any] | None = None) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        params = {k: ("" if v is None else str(v)) for k, v in self.cfg.flat().items()}
+        params.update({k: str(v) for k, v in (params_extra or {}).items()})
+        existing = mlflow.get_run(self.run_id).data.params
+        mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+        mlflow.set_tags({**tags, **self.cfg.tracking.tags, "git_commit": git_commit()})
+
+    def log_dataset(self, table: pd.DataFrame, source: str, name: str, digest: str) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        ds = mlflow.data.from_pandas(table, source=source, name=name, targets="label", digest=digest)
+        mlflow.log_input(ds, context="training")
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled:
+            return
+        import mlflow
+
+        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
+        mlflow.log_metrics(finite, step=step)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            import mlflow
+
+            mlflow.set_tags(tags)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        if self.enabled and folder.exists():
+            import mlflow
+
+            if folder.is_dir():
+                mlflow.log_artifacts(str(folder), artifact_path)
+            else:
+                mlflow.log_artifact(str(folder), artifact_path)
+
+    def log_model(self, detector: torch.nn.Module, image_size: int, name: str = "model") -> str | None:
+        """Log the detector (eval mode, CPU, fp32) as a pt2 pytorch model with signature + example.
+
+        Image models take (N,3,H,W); the dual-stream video model takes HQ clips (N,T,3,H,W)."""
+        if not (self.enabled and self.cfg.tracking.log_model):
+            return None
+        import mlflow
+        from mlflow.models import infer_signature
+
+        model = ScoreModel(detector).to("cpu", memory_format=torch.contiguous_format).float().eval()
+        shape = (2, 3, image_size, image_size)
+        if self.cfg.model.is_video:
+            shape = (2, self.cfg.data.sequence_length, 3, image_size, image_size)
+        x = np.random.default_rng(0).random(shape, dtype=np.float32)
+        with torch.no_grad():
+            y = model(torch.from_numpy(x)).numpy()
+        sig = infer_signature(x, y)
+        reqs = [f"torch=={torch.__version__.split('+')[0]}", "numpy"]
+        try:
+            info = mlflow.pytorch.log_model(model, name=name, signature=sig, input_example=x, pip_requirements=reqs)
+        except Exception as e:  # torch.export can refuse some architectures: fall back to pickle + code
+            log.warning("event=model_export_fallback reason=%r", str(e).splitlines()[0][:200])
+            info = mlflow.pytorch.log_model(
+                model, name=name, signature=sig, input_example=x, pip_requirements=reqs,
+                serialization_format="pickle",
+                code_paths=[str(REPO_ROOT / p) for p in ("models", "training")],
+            )
+        mlflow.set_tag("model_uri", info.model_uri)
+        return info.model_uri

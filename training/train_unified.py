@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""One training run: parse flags -> Config -> train(cfg) -> report. Every run lands in MLflow.
+
+    python training/train_unified.py --model_type efficientnet --data_dir /data/ffpp --use_amp
+    python training/train_unified.py --config experiments/configs/mobilenetv2_ce.yaml --set optim.lr=3e-4
+    python training/train_unified.py --eval_only --checkpoint runs:/RUN_ID/checkpoints/best.pt --data_dir /data/celebdf
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable without an install
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+# flag -> (config key, argparse kwargs). Seed-guide names are kept; each maps onto one Config key.
+FLAGS: dict[str, tuple[str, dict]] = {
+    "data_dir": ("data.data_dir", {"type": str}),
+    "batch_size": ("data.batch_size", {"type": int}),
+    "num_workers": ("data.num_workers", {"type": int}),
+    "image_size": ("data.image_size", {"type": int}),
+    "sequence_length": ("data.sequence_length", {"type": int, "help": "video: frames per clip"}),
+    "frame_skip": ("data.frame_skip", {"type": int, "help": "video: every k-th frame"}),
+    "model_type": ("model.model_type", {"type": str}),
+    "model_name": ("model.model_name", {"type": str, "help": "any timm model name (overrides the preset backbone)"}),
+    "pretrained_path": ("model.pretrained_path", {"type": str}),
+    "dropout": ("model.dropout", {"type": float}),
+    "num_epochs": ("train.num_epochs", {"type": int}),
+    "epochs": ("train.num_epochs", {"type": int, "help": "alias of --num_epochs (seed Xception script)"}),
+    "lr": ("optim.lr", {"type": float}),
+    "backbone_lr": ("optim.backbone_lr", {"type": float}),
+    "classifier_lr": ("optim.classifier_lr", {"type": float}),
+    "weight_decay": ("optim.weight_decay", {"type": float}),
+    "scheduler": ("optim.scheduler", {"choices": ["cosine", "plateau", "onecycle", "none"]}),
+    "warmup_epochs": ("optim.warmup_epochs", {"type": float}),
+    "gradient_accumulation": ("optim.gradient_accumulation", {"type": int}),
+    "gradient_clip": ("optim.gradient_clip", {"type": float}),
+    "loss_type": ("loss.loss_type", {"choices": ["bce", "focal", "label_smoothing", "ce"]}),
+    "focal_alpha": ("loss.focal_alpha", {"type": float}),
+    "focal_gamma": ("loss.focal_gamma", {"type": float}),
+    "label_smoothing": ("loss.label_smoothing", {"type": float}),
+    "mixup_alpha": ("aug.mixup_alpha", {"type": float}),
+    "early_stopping_patience": ("train.early_stopping_patience", {"type": int}),
+    "freeze_strategy": ("train.freeze_strategy", {"type": str, "help": "full | frozen | progressive | partial:N"}),
+    "unfreeze_epoch": ("train.unfreeze_epoch", {"type": int}),
+    "output_dir": ("train.output_dir", {"type": str}),
+    "checkpoint_in": ("train.checkpoint_in", {"type": str, "help": "initial weights (e.g. a stage-1 checkpoint)"}),
+    "checkpoint_out": ("train.checkpoint_out", {"type": str, "help": "copy the best checkpoint here"}),
+    "checkpoint": ("train.checkpoint", {"type": str, "help": "with --eval_only: a file or runs:/RUN_ID/path"}),
+    "resume": ("train.resume", {"type": str, "help": "last.pt or run folder; continues the same MLflow run"}),
+    "seed": ("train.seed", {"type": int}),
+    "device": ("train.device", {"choices": ["auto", "cpu", "cuda", "mps"]}),
+    "experiment_name": ("tracking.experiment_name", {"type": str}),
+    "run_name": ("tracking.run_name", {"type": str}),
+}
+SWITCHES: dict[str, tuple[str, object]] = {  # store_true flag -> (config key, value when given)
+    "use_attention": ("model.use_attention", True),
+    "use_advanced_aug": ("data.aug_policy", "advanced"),
+    "use_mixup": ("aug.use_mixup", True),
+    "use_tta": ("train.use_tta", True),
+    "use_amp": ("train.use_amp", True),
+    "eval_only": ("train.eval_only", True),
+    "train_all_layers": ("train.freeze_strategy", "full"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML preset under experiments/configs (keys as in default.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any key, e.g. optim.lr=3e-4")
+    p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet weights")
+    p.add_argument("--no_tracking", action="store_true", help="do not log to MLflow")
+    p.add_argument("-v", "--verbose", action="store_true")
+    for name, (key, kw) in FLAGS.items():
+        p.add_argument(f"--{name}", dest=name, default=None, **{"help": key, **kw})
+    for name, (key, value) in SWITCHES.items():
+        p.add_argument(f"--{name}", action="store_true", default=None, help=f"{key}={value}")
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
+    """Only the flags the user gave become overrides (in the order of FLAGS, then switches)."""
+    out: dict[str, object] = {}
+    for name, (key, _) in FLAGS.items():
+        if getattr(args, name) is not None:
+            out[key] = getattr(args, name)
+    for name, (key, value) in SWITCHES.items():
+        if getattr(args, name):
+            out[key] = value
+    if args.pretrained is not None:
+        out["model.pretrained"] = args.pretrained
+    if args.no_tracking:
+        out["tracking.enabled"] = False
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from training.config import ConfigError, load_config, parse_set
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("alembic", "mlflow.store", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        overrides = {**parse_set(args.set), **overrides_from_args(args)}
+        cfg = load_config(args.config, overrides, override_source="command line")
+        from training.trainer import train
+
+        result = train(cfg)
+    except KeyboardInterrupt:
+        print("interrupted: the last completed epoch is saved; continue with --resume <output_dir>/<run>/last.pt", file=sys.stderr)
+        return 130
+    except Exception as e:  # user-facing errors: one line, exit 2
+        if not is_user_error(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report(result, cfg)
+    return 0
+
+
+def is_user_error(e: Exception) -> bool:
+    """Bad input (config, data, checkpoint, names, offline weights) rather than a bug."""
+    from training.checkpoints import CheckpointError
+    from training.config import ConfigError
+    from training.registry import UnknownNameError
+
+    names = {"DataError", "PretrainedUnavailable", "MetricError"}
+    return isinstance(e, (ConfigError, CheckpointError, UnknownNameError)) or type(e).__name__ in names or any(
+        c.__name__ in names for c in type(e).__mro__)
+
+
+def report(result, cfg) -> None:
+    from training.tracking import ui_link
+
+    lines = [f"status={result.status} run_id={result.run_id} epochs={result.epochs_run} "
+             f"best_epoch={result.best_epoch} best_{cfg.train.monitor}={result.best_metric:.4f}"]
+    if result.test_metrics:
+        lines.append(" ".join(f"{k}={v:.4f}" for k, v in sorted(result.test_metrics.items())))
+    lines.append(f"output_dir={result.output_dir}")
+    if result.run_id:
+        import mlflow
+
+        run = mlflow.get_run(result.run_id)
+        lines.append(f"mlflow: make ui, then {ui_link(run.info.experiment_id, result.run_id)}")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""`train(cfg)`: the single way a run happens (CLI, sweeps, tests and benchmarks all call it).
+
+Order as in timm's train.py: device -> data -> model -> AMP -> EMA -> optimizer -> scheduler -> loop.
+Every epoch: train, validate, step the plateau scheduler, log, checkpoint (atomic), early-stop check.
+At the end: best weights -> test predictions -> evaluation report -> MLflow artifacts and model.
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from training.checkpoints import atomic_save, load_checkpoint, model_state
+from training.config import Config, save_config
+from training.inference import Predictions, autocast_factory, predict, predictions_table, resolve_device, to_device
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    status: str  # COMPLETE | EARLY_STOPPED | EVALUATED
+    best_metric: float
+    best_epoch: int
+    epochs_run: int
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    output_dir: Path = Path(".")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """A SIGTERM (kill, scheduler pre-emption) unwinds like Ctrl-C so the run closes cleanly."""
+    def _raise(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not in the main thread (e.g. a sweep worker thread)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+
+def split_metrics(prefix: str, preds: Predictions) -> dict[str, float]:
+    """val_/test_ metrics for one split: loss + evaluation.metrics.binary_metrics."""
+    from evaluation.metrics import binary_metrics
+
+    out = _prefixed(prefix, binary_metrics(preds.labels, preds.scores))
+    if math.isfinite(preds.loss):
+        out[f"{prefix}_loss"] = preds.loss
+    return out
+
+
+class Trainer:
+    """Holds the objects one run needs; `fit()` runs the loop. Built by `train(cfg)`."""
+
+    def __init__(self, cfg: Config, index, run_dir: Path) -> None:
+        from training.data import build_loaders, pos_weight
+        from training.losses import build_mixup, create_loss
+        from training.optim import build_optimizer, build_scheduler, updates_per_epoch
+
+        self.cfg, self.index, self.run_dir = cfg, index, run_dir
+        t = cfg.train
+        seed_everything(t.seed)
+        self.device = resolve_device(t.device)
+        self.model = build_model(cfg)
+        if t.checkpoint_in:
+            state = load_checkpoint(t.checkpoint_in)["model"]
+            self.model.load_state_dict(state)
+            log.info("event=checkpoint_in path=%s", t.checkpoint_in)
+        self.channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else self.model.is_convnet
+        self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+        self.amp = autocast_factory(self.device, t.use_amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.use_amp and self.device.type == "cuda")
+        self.ema = None
+        if t.use_ema:
+            from timm.utils import ModelEmaV3
+
+            self.ema = ModelEmaV3(self.model, decay=t.ema_decay)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        dc = self.model.data_config
+        if cfg.model.is_video:
+            from training.video_data import build_video_loaders as build_loaders  # noqa: F811
+        self.loaders = build_loaders(index, cfg, dc["mean"], dc["std"], device_type=self.device.type)
+        self.batches_per_epoch = len(self.loaders["train"])
+        if t.max_steps_per_epoch:
+            self.batches_per_epoch = min(self.batches_per_epoch, t.max_steps_per_epoch * cfg.optim.gradient_accumulation)
+        self.updates_per_epoch = updates_per_epoch(self.batches_per_epoch, cfg.optim.gradient_accumulation)
+        self.schedule = build_scheduler(self.optimizer, cfg.optim, self.updates_per_epoch, t.num_epochs, t.monitor_mode)
+        pw = pos_weight(index) if cfg.data.balance == "pos_weight" else None
+        self.loss_fn = create_loss(cfg.loss, pos_weight=pw).to(self.device)
+        self.mixup = build_mixup(cfg.aug) if cfg.aug.use_mixup else None
+        self.needs_labels = bool(getattr(self.model.head, "needs_labels", False))
+        self.start_epoch, self.updates = 0, 0
+        self.best_metric = -math.inf if t.monitor_mode == "max" else math.inf
+        self.best_epoch, self.bad_epochs = -1, 0
+        self.history: list[dict[str, float]] = []
+        self.best_val_table: pd.DataFrame | None = None
+        self.best_val_metrics: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def state(self, epoch: int, run_id: str | None) -> dict:
+        return {
+            "format_version": 1, "model": model_state(self.model), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.schedule.state_dict(), "scaler": self.scaler.state_dict(),
+            "ema": model_state(self.ema.module) if self.ema is not None else None,
+            "epoch": epoch, "updates": self.updates, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs, "history": self.history, "config": self.cfg.model_dump(mode="json"),
+            "run_id": run_id,
+        }
+
+    def load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.schedule.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.ema is not None and ckpt.get("ema") is not None:
+            self.ema.module.load_state_dict(ckpt["ema"])
+        self.start_epoch, self.updates = ckpt["epoch"] + 1, ckpt["updates"]
+        self.best_metric, self.best_epoch, self.bad_epochs = ckpt["best_metric"], ckpt["best_epoch"], ckpt["bad_epochs"]
+        self.history = list(ckpt["history"])
+        best = self.run_dir / "predictions" / "val_best.parquet"
+        if best.exists():
+            self.best_val_table = pd.read_parquet(best)
+        if self.history and self.best_epoch >= 0:
+            self.best_val_metrics = {k: v for k, v in self.history[self.best_epoch].items() if k.startswith("val_")}
+
+    # ------------------------------------------------------------------ epoch
+    def train_one_epoch(self, epoch: int) -> dict[str, float]:
+        from training.freezing import set_train_mode
+        from augmentation.policies import seed_transform
+        from training.losses import mix_batch
+
+        cfg, accum = self.cfg, self.cfg.optim.gradient_accumulation
+        # Every random stream restarts from (seed, epoch): shuffling, augmentation, mixup and dropout are the
+        # same whether or not the run was stopped and resumed before this epoch.
+        epoch_seed = cfg.train.seed * 1000 + epoch
+        seed_everything(epoch_seed)
+        loader = self.loaders["train"]
+        for gen in {getattr(loader, "generator", None), getattr(loader.sampler, "generator", None)} - {None}:
+            gen.manual_seed(epoch_seed)
+        if getattr(loader.dataset, "transform", None) is not None:
+            seed_transform(loader.dataset.transform, epoch_seed)
+        self.model.train()
+        set_train_mode(self.model)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, seen, t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
+        n = self.batches_per_epoch
+        bar = tqdm(itertools.islice(loader, n), total=n, desc=f"epoch {epoch}", leave=False, disable=None)
+        for i, (images, labels, _) in enumerate(bar):
+            if len(images) == 0:
+                continue
+            x, y = to_device(images, self.device, self.channels_last), labels.to(self.device)
+            x, y = mix_batch(self.mixup, x, y)
+            with self.amp():
+                logits = self.model(x, labels=y.long()) if self.needs_labels else self.model(x)
+                loss = self.loss_fn(logits.float(), y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} batch {i}; lower the LR or turn AMP off")
+            self.scaler.scale(loss / accum).backward()
+            if (i + 1) % accum == 0 or i + 1 == n:
+                self._optimizer_update()
+            loss_sum += loss.detach() * len(x)
+            seen += len(x)
+            if i % cfg.train.log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+        seconds = time.perf_counter() - t0
+        return {"train_loss": float(loss_sum) / max(seen, 1), "epoch_seconds": seconds,
+                "images_per_s": seen / max(seconds, 1e-9)}
+
+    def _optimizer_update(self) -> None:
+        clip = self.cfg.optim.gradient_clip
+        if clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.grad is not None], clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.schedule.step_update()
+        self.updates += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.updates)
+
+    def validate(self, split: str = "val") -> tuple[dict[str, float], pd.DataFrame]:
+        preds = predict(self.eval_model, self.loaders[split], self.device, channels_last=self.channels_last,
+                        amp=self.amp, loss_fn=self.loss_fn, tta=self.cfg.train.use_tta, desc=split)
+        samples = getattr(self.index, split)
+        return split_metrics(split, preds), predictions_table(preds, samples)
+
+    def improved(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        return value > self.best_metric if self.cfg.train.monitor_mode == "max" else value < self.best_metric
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, tracker, epoch_callback: Callable[[int, dict[str, float]], None] | None) -> str:
+        """Run epochs from start_epoch; returns COMPLETE or EARLY_STOPPED."""
+        from training.freezing import apply_freeze
+
+        t, pred_dir = self.cfg.train, self.run_dir / "predictions"
+        pred_dir.mkdir(parents=True, exist_ok=True)
+        for epoch in range(self.start_epoch, t.num_epochs):
+            summary = apply_freeze(self.model, t.freeze_strategy, epoch, t.unfreeze_epoch)
+            if not self.history or self.history[-1].get("trainable_params") != summary.trainable:
+                log.info("event=parameters epoch=%d total=%d trainable=%d frozen=%d strategy=%s",
+                         epoch, summary.total, summary.trainable, summary.frozen, t.freeze_strategy)
+            row: dict[str, float] = {"epoch": epoch, **self.train_one_epoch(epoch)}
+            val_metrics, val_table = self.validate("val")
+            row.update(val_metrics)
+            row["trainable_params"], row["frozen_params"] = summary.trainable, summary.frozen
+            lrs = self.schedule.lrs()
+            row.update({f"lr_{name}": lr for name, lr in lrs.items()})
+            row["lr"] = lrs.get("classifier_decay", next(iter(lrs.values())))  # the head always trains
+            monitored = row.get(t.monitor, math.nan)
+            self.schedule.step_epoch(monitored)
+            if self.improved(monitored):
+                self.best_metric, self.best_epoch, self.bad_epochs = monitored, epoch, 0
+                self.best_val_table, self.best_val_metrics = val_table, val_metrics
+                val_table.to_parquet(pred_dir / "val_best.parquet")
+                atomic_save({"model": model_state(self.eval_model), "config": self.cfg.model_dump(mode="json"),
+                             "epoch": epoch, "best_metric": monitored, "run_id": tracker.run_id}, self.run_dir / "best.pt")
+            else:
+                self.bad_epochs += 1
+            self.history.append(row)
+            pd.DataFrame(self.history).to_csv(self.run_dir / "training_log.csv", index=False)
+            tracker.log_metrics(row, step=epoch)  # before last.pt: a resumed run never lacks an epoch's curve
+            atomic_save(self.state(epoch, tracker.run_id), self.run_dir / "last.pt")
+            log.info("epoch=%d train_loss=%.4f val_loss=%.4f %s=%.4f lr=%.2e images_per_s=%.1f trainable=%d",
+                     epoch, row["train_loss"], row.get("val_loss", math.nan), t.monitor, monitored, row["lr"],
+                     row["images_per_s"], summary.trainable)
+            if epoch_callback is not None:
+                epoch_callback(epoch, dict(row))
+            if t.early_stopping_patience and self.bad_epochs >= t.early_stopping_patience:
+                log.info("event=early_stop epoch=%d best_epoch=%d", epoch, self.best_epoch)
+                return "EARLY_STOPPED"
+        return "COMPLETE"
+
+
+def build_model(cfg: Config, pretrained: bool | None = None) -> torch.nn.Module:
+    """The detector the config describes: an image Detector, or the dual-stream video model."""
+    model_cfg = cfg.model if pretrained is None else cfg.model.model_copy(update={"pretrained": pretrained})
+    if cfg.model.is_video:
+        from models.video import create_dual_stream
+
+        return create_dual_stream(model_cfg, cfg.loss.num_outputs, image_size=cfg.data.image_size, lq_size=cfg.data.lq_size)
+    from models import create_detector
+
+    return create_detector(model_cfg, cfg.loss.num_outputs, image_size=cfg.data.image_size)
+
+
+def scan_data(cfg: Config):
+    """Scan the configured data once: image folders/CSV, or videos (folders of frames) for dual_stream."""
+    data_cfg = default_data_cfg(cfg)
+    if cfg.model.is_video:
+        from training.video_data import scan_videos
+
+        return scan_videos(data_cfg, cfg.train.seed)
+    from training.data import scan
+
+    return scan(data_cfg, cfg.train.seed)
+
+
+def default_data_cfg(cfg: Config):
+    """data.data_dir, or the generated demo set when none is given."""
+    if cfg.data.data_dir:
+        return cfg.data
+    from training.demo_data import ensure_demo_data
+
+    return cfg.data.model_copy(update={"data_dir": str(ensure_demo_data())})
+
+
+def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
+    """Train (or with train.eval_only, evaluate) one model as configured; everything lands in MLflow."""
+    from training.run_io import finish_run, index_table, start_tags
+
+    if cfg.train.eval_only:
+        from training.eval_only import evaluate_checkpoint
+
+        return evaluate_checkpoint(cfg, index=index)
+    resume = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
+    if resume is not None:
+        resumed_cfg = Config.model_validate(resume["config"])
+        cfg = resumed_cfg.with_overrides({"train.resume": cfg.train.resume}, "--resume")
+    data_cfg = default_data_cfg(cfg)
+    if index is None:
+        index = scan_data(cfg)
+    from training.tracking import RunTracker
+
+    with sigterm_as_interrupt(), RunTracker(cfg, resume_run_id=(resume or {}).get("run_id")) as tracker:
+        run_dir = Path(resume["path"]).parent if resume else Path(cfg.train.output_dir) / (tracker.run_id or time.strftime("run-%Y%m%d-%H%M%S"))
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            trainer = Trainer(cfg, index, run_dir)
+            if resume is not None:
+                trainer.load_state(resume)
+                log.info("event=resume epoch=%d run_id=%s", trainer.start_epoch, tracker.run_id)
+            save_config(cfg, run_dir / "config.yaml")
+            if resume is None:
+                tracker.log_start(start_tags(cfg, index), trainer_params(trainer))
+                tracker.log_dataset(index_table(index), source=str(data_cfg.data_dir), name=Path(str(data_cfg.data_dir)).name or "data", digest=index.digest)
+            status = trainer.fit(tracker, epoch_callback)
+            return finish_run(trainer, tracker, status)
+        except BaseException as e:
+            e.output_dir = run_dir  # type: ignore[attr-defined]  # the sweep deletes pruned trials' folders
+            raise
+
+
+def trainer_params(trainer: Trainer) -> dict[str, object]:
+    """Run facts logged as params next to the flattened config."""
+    return {"params_total": sum(p.numel() for p in trainer.model.parameters()), "device": trainer.device.type,
+            "channels_last": trainer.channels_last, "updates_per_epoch": trainer.updates_per_epoch,
+            "effective_batch_size": trainer.cfg.data.batch_size * trainer.cfg.optim.gradient_accumulation}
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)
