@@ -20,7 +20,7 @@ SERVE_PORT ?= 5001
 SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo-data demo sweep dashboard ui ensemble promote serve serve-stop faces bench clean
+.PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n",$$1,$$2}'
@@ -58,6 +58,15 @@ ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) (training view link printed)
 	@echo "open http://127.0.0.1:$(PORT)/#/experiments/1/runs?workflowType=machine_learning"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db -h 127.0.0.1 -p $(PORT) --workers 1
+
+evaluate: $(STAMP) ## evaluate RUN=<run_id> on DATA=<dir|csv> [TTA=flip,crop,scale] [MC=20] [ROBUST=1] [MAX=n]; child run `evaluation`
+	@test -n "$(RUN)" -a -n "$(DATA)" || { echo "usage: make evaluate RUN=<run_id> DATA=<dir or csv> [TTA=flip,crop,scale] [MC=20] [ROBUST=1] [MAX=n]"; exit 2; }
+	$(PY) -m evaluation.evaluate --run $(RUN) --data_dir $(DATA) $(if $(TTA),--tta $(TTA)) \
+	  $(if $(MC),--mc_dropout $(MC)) $(if $(ROBUST),--robustness) $(if $(MAX),--max_images $(MAX))
+
+crosseval: $(STAMP) ## AUC matrix RUNS="<id> <id>" x DATASETS="<dir> <dir>" [TTA=flip] [MAX=n]; MLflow run `crosseval`
+	@test -n "$(RUNS)" -a -n "$(DATASETS)" || { echo 'usage: make crosseval RUNS="<id1> <id2>" DATASETS="/data/a /data/b" [MAX=n]'; exit 2; }
+	$(PY) -m evaluation.crosseval --runs $(RUNS) --datasets $(DATASETS) $(if $(TTA),--tta $(TTA)) $(if $(MAX),--max_images $(MAX))
 
 ensemble: $(STAMP) ## ensemble of the best runs: STUDY=name | EXPERIMENT=name | RUNS="id id"; TOP=5 METRIC=val_auc METHOD=weighted
 	$(PY) -m evaluation.ensemble $(if $(STUDY),--study $(STUDY),$(if $(RUNS),--runs $(RUNS),--experiment $(EXPERIMENT))) \
