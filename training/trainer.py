@@ -94,6 +94,8 @@ class Trainer:
         self.cfg, self.index, self.run_dir = cfg, index, run_dir
         t = cfg.train
         seed_everything(t.seed)
+        torch.backends.cudnn.benchmark = not t.deterministic  # autotuned CUDA kernels are not bit-reproducible
+        torch.backends.cudnn.deterministic = t.deterministic
         self.device = resolve_device(t.device)
         self.model = build_model(cfg)
         if t.checkpoint_in:

@@ -1,0 +1,97 @@
+"""Benchmark: the same study with and without pruning (same seed, same trial budget).
+
+Prints, for each: trials, pruned trials, epochs trained, best value and wall time, then the epoch
+ratio and the best-value gap. Target (issue 3): at least 40% fewer epochs, best value within 0.01.
+
+    python bench/sweep_pruning.py                                   # default study, ~2 x 10 min on 2 CPU cores
+    python bench/sweep_pruning.py --n_trials 8 --set train.num_epochs=2
+    python bench/sweep_pruning.py --pruner percentile               # compare another pruner with none
+
+Each study gets its own temporary Optuna storage and output folder; MLflow tracking is off unless
+--track (then runs go to a temporary MLflow store too).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments.sweep import run_sweep  # noqa: E402
+from training.config import parse_set  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_one(sweep: str, pruner: str, n_trials: int | None, sets: dict, track: bool, root: Path) -> dict:
+    """Run the study once in `root` (the file's timeout removed: the trial budget is what is compared)."""
+    import optuna
+    import yaml
+
+    root.mkdir(parents=True)
+    doc = yaml.safe_load(Path(sweep).read_text())
+    doc.setdefault("study", {})["timeout"] = None
+    if doc.get("config"):  # keep a preset path resolvable from the copy
+        doc["config"] = str((Path(sweep).parent / doc["config"]) if (Path(sweep).parent / doc["config"]).is_file()
+                            else doc["config"])
+    sweep = str(root / Path(sweep).name)
+    Path(sweep).write_text(yaml.safe_dump(doc, sort_keys=False))
+    overrides = {**sets, "train.output_dir": str(root / "outputs")}
+    if not track:
+        overrides["tracking.enabled"] = False
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    url = f"sqlite:///{root / 'optuna.db'}"
+    t0 = time.perf_counter()
+    res = run_sweep(sweep, n_trials=n_trials, storage=url, pruner=pruner, overrides=overrides)
+    wall = time.perf_counter() - t0
+    trials = optuna.load_study(study_name=res.study_name, storage=url).trials
+    return {"pruner": pruner, "trials": len(trials),
+            "pruned": sum(t.state.name == "PRUNED" for t in trials),
+            "failed": sum(t.state.name == "FAIL" for t in trials),
+            "epochs": sum(int(t.user_attrs.get("epochs_trained", 0)) for t in trials),
+            "best": res.best_value, "wall_s": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", default=str(REPO_ROOT / "experiments" / "sweeps" / "default.yaml"))
+    p.add_argument("--n_trials", type=int, help="trial budget for both studies (default: the file's)")
+    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "percentile"])
+    p.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--track", action="store_true", help="log to a temporary MLflow store as well")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tmp = Path(tempfile.mkdtemp(prefix="sweep_pruning_"))
+    rows = [run_one(a.sweep, pruner, a.n_trials, parse_set(a.sets), a.track, tmp / pruner)
+            for pruner in ("none", a.pruner)]
+    print(f"\n{'pruner':<10} {'trials':>6} {'pruned':>6} {'failed':>6} {'epochs':>6} {'best':>8} {'wall_s':>8}")
+    for r in rows:
+        best = f"{r['best']:.4f}" if r["best"] is not None else "-"
+        print(f"{r['pruner']:<10} {r['trials']:>6} {r['pruned']:>6} {r['failed']:>6} {r['epochs']:>6} {best:>8} "
+              f"{r['wall_s']:>8.0f}")
+    base, pruned = rows
+    ratio = pruned["epochs"] / max(base["epochs"], 1)
+    gap = (base["best"] - pruned["best"]) if None not in (base["best"], pruned["best"]) else float("nan")
+    ok = ratio <= 0.6 and abs(gap) <= 0.01
+    print(f"\nepochs {a.pruner}/none = {ratio:.2f} ({1 - ratio:.0%} fewer); best value none - {a.pruner} = {gap:+.4f}; "
+          f"wall {pruned['wall_s'] / max(base['wall_s'], 1e-9):.2f}x")
+    print(f"target (>= 40% fewer epochs, best within 0.01): {'met' if ok else 'not met'}")
+    if a.keep:
+        print(f"studies and outputs kept in {tmp}")
+    else:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

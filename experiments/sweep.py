@@ -1,0 +1,442 @@
+"""Optuna sweeps over Config fields; every trial is one `train(cfg)` call and one nested MLflow run.
+
+The one module that talks to Optuna. `run_sweep` opens (or resumes) a study on an RDB storage with
+heartbeats, runs trials in this process or in `n_workers` spawned processes sharing the storage, and
+logs a parent MLflow run with the best trial, the trials table and Optuna's plotly figures.
+
+    python experiments/sweep.py --sweep experiments/sweeps/default.yaml --n_trials 12 --n_workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import multiprocessing as mp
+import shutil
+import sys
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+if __package__ in (None, ""):  # `python experiments/sweep.py` without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import optuna
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from experiments import sweep_report as report
+from experiments.search_space import SweepSpec, load_sweep
+from training.config import REPO_ROOT, ConfigError
+
+log = logging.getLogger(__name__)
+TrainFn = Callable[..., Any]
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """RDBStorage heartbeat settings; a RUNNING trial silent for `grace_period` s is failed and retried."""
+
+    interval: int = 60
+    grace_period: int = 180
+    max_retry: int = 2
+
+
+@dataclass
+class SweepResult:
+    study_name: str
+    storage: str
+    experiment_id: str | None
+    parent_run_id: str | None
+    n_trials_run: int
+    states: dict[str, int]  # this call's trials by final state (complete, pruned, fail)
+    best_value: float | None
+    best_params: dict[str, Any]
+    top: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Job:
+    """Everything a worker needs; picklable for the spawn context."""
+
+    spec: SweepSpec
+    storage: str
+    heartbeat: Heartbeat
+    sweep_id: str
+    n_trials: int
+    deadline: float | None
+    parent_run_id: str | None
+    seed: int
+    train_fn: TrainFn
+    index: Any
+    max_consecutive_fails: int
+
+
+# ---------------------------------------------------------------------------- storage / study
+def default_storage() -> str:
+    (REPO_ROOT / "mlruns").mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{REPO_ROOT / 'mlruns' / 'optuna.db'}"
+
+
+def make_storage(url: str, hb: Heartbeat) -> RDBStorage:
+    """RDBStorage with heartbeat + retry of stale trials; sqlite waits on locks instead of failing."""
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=hb.interval,
+                          grace_period=hb.grace_period,
+                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=hb.max_retry))
+
+
+def make_sampler(spec: SweepSpec, seed: int) -> optuna.samplers.BaseSampler:
+    s = spec.study
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        if s.sampler == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if s.sampler == "grid":
+            return optuna.samplers.GridSampler(spec.grid_space(), seed=seed)
+        opts = {"multivariate": True, "group": True, "constant_liar": True, **s.sampler_options}
+        return optuna.samplers.TPESampler(seed=seed, **opts)
+
+
+def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    s = spec.study
+    if s.pruner == "median":
+        return optuna.pruners.MedianPruner(**s.pruner_options)
+    if s.pruner == "percentile":  # keeps the top `percentile` % at each epoch (median = 50)
+        return optuna.pruners.PercentilePruner(**{"percentile": 25.0, **s.pruner_options})
+    if s.pruner == "hyperband":
+        opts = {"min_resource": 1, "max_resource": spec.base.train.num_epochs, **s.pruner_options}
+        return optuna.pruners.HyperbandPruner(**opts)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(spec: SweepSpec, storage: RDBStorage, seed: int, create: bool) -> optuna.Study:
+    """Create or load the study; sampler and pruner are not stored, so they are passed every time."""
+    kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec, seed), pruner=make_pruner(spec))
+    if not create:
+        return optuna.load_study(**kw)
+    study = optuna.create_study(direction=spec.study.direction, load_if_exists=True, **kw)
+    if study.direction.name.lower() != spec.study.direction:
+        raise ConfigError(f"study '{spec.study.name}' already exists with direction {study.direction.name.lower()}; "
+                          f"{spec.path} asks for {spec.study.direction} (use another --study_name)")
+    return study
+
+
+# ---------------------------------------------------------------------------- one trial
+class _Gate:
+    """Serialises 'check budget -> create trial' across local workers so the trial count is exact."""
+
+    def __init__(self, lock: Any) -> None:
+        self.lock, self.held = lock, False
+
+    def acquire(self) -> None:
+        if self.lock is not None:
+            self.lock.acquire()
+        self.held = True
+
+    def release(self) -> None:
+        if self.held and self.lock is not None:
+            self.lock.release()
+        self.held = False
+
+
+class _Objective:
+    """trial params -> Config -> train(); reports each epoch's metric; records state and reason."""
+
+    def __init__(self, job: _Job, gate: _Gate) -> None:
+        self.job, self.gate, self.spec = job, gate, job.spec
+        self.last_state, self.last_reason = "", ""
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        retry_of = trial.user_attrs.get("trial_number")  # copied from a stale trial by the retry callback
+        trial.set_user_attr("sweep_id", self.job.sweep_id)
+        trial.set_user_attr("trial_number", trial.number)
+        self.gate.release()  # the trial exists and is counted: other workers may go on
+        params = self.spec.sample(trial)
+        out_dir = Path(self.spec.base.train.output_dir) / "sweeps" / self.spec.study.name / f"trial-{trial.number:04d}"
+        run = None
+        if self.spec.base.tracking.enabled:
+            run = report.start_trial(trial.number, self.spec.study.name, self.job.parent_run_id, retry_of)
+            trial.set_user_attr("mlflow_run_id", run)
+        epochs = [0]
+        state, reason = "FAIL", ""
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            epochs[0] += 1
+            metric = self.spec.study.metric
+            if metric not in metrics:
+                raise KeyError(f"epoch metrics have no '{metric}' (have {', '.join(sorted(metrics))})")
+            trial.report(float(metrics[metric]), step=int(epoch))
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{metric}={metrics[metric]:.4f} at epoch {epoch}")
+
+        try:
+            cfg = self.spec.trial_config(params, {"train.output_dir": str(out_dir),
+                                                  "tracking.run_name": f"trial-{trial.number}"})
+            if run is not None:
+                report.log_trial_params(cfg, list(params))
+            result = self.job.train_fn(cfg, index=self.job.index, epoch_callback=on_epoch)
+            value = float(result.best_metric)
+            if not math.isfinite(value):
+                raise ValueError(f"{self.spec.study.metric} is not finite ({value})")
+            trial.set_user_attr("output_dir", str(result.output_dir))
+            state = "COMPLETE"
+            return value
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            shutil.rmtree(out_dir, ignore_errors=True)  # pruned trials keep no checkpoints
+            raise
+        except BaseException as e:  # recorded, then re-raised: Optuna marks FAIL (KeyboardInterrupt stops)
+            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:500]
+            trial.set_user_attr("fail_reason", reason)
+            if "out of memory" in reason.lower():  # give the next trial the memory back
+                import torch
+
+                torch.cuda.empty_cache()
+            raise
+        finally:
+            trial.set_user_attr("epochs_trained", epochs[0])
+            self.last_state, self.last_reason = state, reason
+            if run is not None:
+                report.end_trial(state, reason)
+
+
+# ---------------------------------------------------------------------------- workers
+def _ours(study: optuna.Study, sweep_id: str) -> list[FrozenTrial]:
+    return [t for t in study.get_trials(deepcopy=False)
+            if t.user_attrs.get("sweep_id") == sweep_id and t.state != TrialState.WAITING]
+
+
+def _work(job: _Job, lock: Any = None, worker: int = 0) -> int:
+    """Run trials until this invocation's budget, deadline or grid is used up; return trials run."""
+    if worker:  # a spawned process: its own logging and MLflow setup
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s")
+        report.configure(job.spec.base.tracking)
+    study = open_study(job.spec, make_storage(job.storage, job.heartbeat), job.seed, create=False)
+    gate, ran, fails = _Gate(lock), 0, 0
+    objective = _Objective(job, gate)
+    while job.deadline is None or time.time() < job.deadline:
+        gate.acquire()
+        try:
+            if len(_ours(study, job.sweep_id)) >= job.n_trials:
+                break
+            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+        finally:
+            gate.release()
+        ran += 1
+        fails = fails + 1 if objective.last_state == "FAIL" else 0
+        if fails >= job.max_consecutive_fails:
+            log.error("event=sweep_stop reason=consecutive_failures n=%d last=%r", fails, objective.last_reason)
+            break
+        sampler = study.sampler
+        if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+            break
+    return ran
+
+
+def _spawn(job: _Job, n_workers: int) -> None:
+    """n_workers processes (spawn context) on the same storage, sharing the budget through a lock."""
+    ctx = mp.get_context("spawn")
+    lock = ctx.Lock()
+    procs = []
+    for w in range(1, n_workers + 1):
+        wjob = _Job(**{**job.__dict__, "seed": job.seed + 1009 * w})
+        procs.append(ctx.Process(target=_work, args=(wjob, lock, w), name=f"sweep-worker-{w}"))
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join(10)
+    bad = [f"{p.name} exit {p.exitcode}" for p in procs if p.exitcode]
+    if bad:
+        log.error("event=sweep_workers_failed %s", "; ".join(bad))
+
+
+# ---------------------------------------------------------------------------- sweep
+def run_sweep(
+    sweep_file: str | Path,
+    *,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    study_name: str | None = None,
+    storage: str | None = None,
+    n_workers: int = 1,
+    overrides: dict[str, Any] | None = None,
+    metric: str | None = None,
+    direction: str | None = None,
+    sampler: str | None = None,
+    pruner: str | None = None,
+    seed: int | None = None,
+    train_fn: TrainFn | None = None,
+    scan_data: bool | None = None,
+    heartbeat: Heartbeat = Heartbeat(),
+    max_consecutive_fails: int = 5,
+) -> SweepResult:
+    """Run (or resume) the study of `sweep_file`; `n_trials` more trials are run by this call.
+
+    `train_fn` defaults to training.trainer.train; the data set is scanned once here (unless
+    `scan_data` is False, or the space sweeps a data key that changes the scan) and shared by workers.
+    """
+    study_cli = dict(n_trials=n_trials, timeout=timeout, name=study_name, metric=metric, direction=direction,
+                     sampler=sampler, pruner=pruner, seed=seed)
+    spec = load_sweep(sweep_file, overrides, study_cli)
+    if train_fn is None:
+        from training.trainer import train as train_fn  # noqa: PLW0127
+        scan_data = True if scan_data is None else scan_data
+    url = storage or default_storage()
+    rdb = make_storage(url, heartbeat)
+    study = open_study(spec, rdb, spec.study.seed, create=True)
+    experiment_id = report.configure(spec.base.tracking)
+    _fail_stale(study, experiment_id is not None)
+    index = _scan(spec) if scan_data else None
+    sweep_id = uuid.uuid4().hex[:12]
+    deadline = time.time() + spec.study.timeout if spec.study.timeout else None
+    job = _Job(spec=spec, storage=url, heartbeat=heartbeat, sweep_id=sweep_id, n_trials=spec.study.n_trials,
+               deadline=deadline, parent_run_id=None, seed=spec.study.seed + len(study.trials),
+               train_fn=train_fn, index=index, max_consecutive_fails=max_consecutive_fails)
+    log.info("event=sweep_start study=%s storage=%s n_trials=%d n_workers=%d existing_trials=%d",
+             spec.study.name, report.safe_url(url), spec.study.n_trials, n_workers, len(study.trials))
+    s = spec.study
+    parent = report.start_parent(s.name, url, sweep_file, {
+        "study.metric": s.metric, "study.direction": s.direction, "study.sampler": s.sampler, "study.pruner": s.pruner,
+        "study.seed": s.seed, "study.n_trials": s.n_trials, "study.n_workers": n_workers,
+    }, dict(spec.base.tracking.tags)) if experiment_id else None
+    job.parent_run_id = parent
+    status = "FAILED"
+    try:
+        if n_workers > 1:
+            _spawn(job, n_workers)
+        else:
+            _work(job)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        study = open_study(spec, rdb, spec.study.seed, create=False)
+        ours = _ours(study, sweep_id)
+        states = {st.name.lower(): sum(t.state == st for t in ours) for st in FINISHED}
+        if parent is not None:
+            best = _best(study)
+            report.finish_parent(
+                status, states, s.metric,
+                best and {"number": best.number, "value": best.value, "params": best.params,
+                          "run_id": best.user_attrs.get("mlflow_run_id")},
+                study.trials_dataframe(), _figures(study))
+    best = _best(study)
+    return SweepResult(study_name=spec.study.name, storage=report.safe_url(url), experiment_id=experiment_id,
+                       parent_run_id=parent, n_trials_run=len(ours), states=states,
+                       best_value=best.value if best else None, best_params=best.params if best else {},
+                       top=report.top_trials(study.get_trials(deepcopy=False, states=FINISHED), spec.study.direction))
+
+
+def _scan(spec: SweepSpec) -> Any:
+    if spec.touches_scan:
+        log.info("event=sweep_scan_per_trial reason=space_sweeps_data_keys")
+        return None
+    from training.data import scan
+
+    t0 = time.time()
+    index = scan(spec.base.data, spec.base.train.seed)
+    log.info("event=sweep_scan seconds=%.1f train=%d val=%d", time.time() - t0, len(index.train), len(index.val))
+    return index
+
+
+def _fail_stale(study: optuna.Study, with_mlflow: bool) -> None:
+    """Fail trials of dead workers now (queuing their retries) and close their MLflow runs."""
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)) if t.number in before]
+    for t in stale:
+        log.warning("event=sweep_stale_trial trial=%d action=failed_and_retried", t.number)
+        if t.user_attrs.get("mlflow_run_id") and with_mlflow:
+            report.close_stale(t.user_attrs["mlflow_run_id"])
+
+
+# ---------------------------------------------------------------------------- results
+def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
+    """Optuna's plotly figures; each is skipped (with a log line) when the study cannot support it."""
+    import optuna.visualization as vis
+
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    varying = any(len({repr(t.params.get(k)) for t in done}) > 1 for k in {k for t in done for k in t.params})
+    curves = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
+    plots = [("optimization_history", vis.plot_optimization_history, bool(done), "no completed trial"),
+             ("param_importances", vis.plot_param_importances, len(done) >= 2 and varying,
+              "needs 2 completed trials with varying params"),
+             ("parallel_coordinate", vis.plot_parallel_coordinate, bool(done), "no completed trial"),
+             ("intermediate_values", vis.plot_intermediate_values, curves, "no reported epochs"),
+             ("slice", vis.plot_slice, bool(done), "no completed trial")]
+    out = []
+    for name, fn, ok, why in plots:
+        try:
+            if not ok:
+                raise ValueError(why)
+            with warnings.catch_warnings():  # PED-ANOVA warns about small regimes on every tiny study
+                warnings.simplefilter("ignore", UserWarning)
+                out.append((name, fn(study)))
+        except Exception as e:  # a figure is a nice-to-have: never fail the sweep for it
+            log.info("event=sweep_plot_skipped plot=%s reason=%r", name, str(e).splitlines()[0][:200])
+    return out
+
+
+def _best(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no completed trial yet
+        return None
+
+
+# ---------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sweep", required=True, help="sweep YAML (experiments/sweeps/*.yaml)")
+    p.add_argument("--n_trials", type=int, help="trials to run in this call (added to the study)")
+    p.add_argument("--timeout", type=float, help="seconds; no new trial starts after this")
+    p.add_argument("--study_name")
+    p.add_argument("--storage", help="SQLAlchemy URL (default sqlite:///<repo>/mlruns/optuna.db)")
+    p.add_argument("--n_workers", type=int, default=1, help="local worker processes sharing the study")
+    p.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="fixed Config overrides for every trial, e.g. data.data_dir=/data/ffpp")
+    for flag, choices in (("--direction", ["maximize", "minimize"]), ("--sampler", ["tpe", "random", "grid"]),
+                          ("--pruner", ["median", "percentile", "hyperband", "none"]), ("--metric", None)):
+        p.add_argument(flag, choices=choices)
+    p.add_argument("--seed", type=int)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from training.config import parse_set
+    from training.data import DataError
+
+    try:
+        result = run_sweep(a.sweep, n_trials=a.n_trials, timeout=a.timeout, study_name=a.study_name, storage=a.storage,
+                           n_workers=a.n_workers, overrides=parse_set(a.sets), metric=a.metric, direction=a.direction,
+                           sampler=a.sampler, pruner=a.pruner, seed=a.seed)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nstudy {result.study_name} ({result.storage}): {result.n_trials_run} trials run now; top {len(result.top)}:")
+    print(report.format_table(result.top))
+    if result.experiment_id:
+        from training.tracking import ui_link
+
+        print(f"\nOpen the runs: make ui  ->  {ui_link(result.experiment_id)}")
+    print("Study dashboard: make dashboard  ->  http://127.0.0.1:8080")
+    return 1 if result.n_trials_run and result.states["fail"] == result.n_trials_run else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""What a sweep reports: MLflow runs (one parent per invocation, one nested run per trial) and the
+end-of-sweep table of the best trials.
+
+Plain values in (no Optuna import here; experiments/sweep.py is the one module that talks to Optuna).
+Tags: trials carry `study_name`, `trial_number`, `trial_state` (RUNNING -> COMPLETE | PRUNED | FAIL)
+and `fail_reason`; the parent carries `study_name`, `sweep_storage`, `sweep_file`, `git_commit`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from training.config import Config, TrackingConfig
+
+log = logging.getLogger(__name__)
+MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def safe_url(url: str) -> str:
+    """A storage URL without its password."""
+    try:
+        from sqlalchemy.engine import make_url
+
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not an SQLAlchemy URL: drop any credentials part
+        return url.split("@")[-1]
+
+
+def configure(tcfg: TrackingConfig) -> str | None:
+    """Tracking URI + experiment as training does it; None when tracking is disabled."""
+    if not tcfg.enabled:
+        return None
+    from training.tracking import configure_mlflow
+
+    return configure_mlflow(tcfg)
+
+
+def start_parent(study_name: str, storage: str, sweep_file: str | Path, params: dict[str, Any],
+                 extra_tags: dict[str, str]) -> str:
+    """Open the parent run `sweep-<study>` (nested under a caller's active run if there is one)."""
+    import mlflow
+
+    from training.tracking import git_commit
+
+    tags = {"study_name": study_name, "sweep_storage": safe_url(storage), "sweep_file": str(sweep_file),
+            "git_commit": git_commit(), "sweep_role": "parent", **extra_tags}
+    run = mlflow.start_run(run_name=f"sweep-{study_name}", nested=mlflow.active_run() is not None, tags=tags)
+    mlflow.log_params(params)
+    return run.info.run_id
+
+
+def start_trial(number: int, study_name: str, parent_run_id: str | None, retry_of: int | None) -> str:
+    """Open `trial-<n>` before train() runs (train logs into the active run). In a worker process the
+    parent is not active here, so the child is attached with the mlflow.parentRunId tag."""
+    import mlflow
+
+    tags = {"study_name": study_name, "trial_number": str(number), "trial_state": "RUNNING"}
+    if retry_of is not None:
+        tags["retry_of_trial"] = str(retry_of)
+    if mlflow.active_run() is not None:
+        run = mlflow.start_run(run_name=f"trial-{number}", nested=True, tags=tags)
+    else:
+        run = mlflow.start_run(run_name=f"trial-{number}", tags={**tags, "mlflow.parentRunId": parent_run_id or ""})
+    return run.info.run_id
+
+
+def log_trial_params(cfg: Config, keys: list[str]) -> None:
+    """The sampled keys with their resolved Config values, exactly as train() logs them."""
+    import mlflow
+
+    flat = cfg.flat()
+    mlflow.log_params({k: "" if flat[k] is None else str(flat[k]) for k in keys})
+
+
+def end_trial(state: str, reason: str = "") -> None:
+    import mlflow
+
+    mlflow.set_tags({"trial_state": state, **({"fail_reason": reason} if reason else {})})
+    mlflow.end_run(status=MLFLOW_STATUS.get(state, "FAILED"))
+
+
+def close_stale(run_id: str) -> None:
+    """Mark the run of a trial whose worker died (its Optuna trial was failed by the heartbeat check)."""
+    from mlflow import MlflowClient
+
+    try:
+        client = MlflowClient()
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_tag(run_id, "trial_state", "FAIL")
+            client.set_tag(run_id, "fail_reason", "worker died (heartbeat stale)")
+            client.set_terminated(run_id, "KILLED")
+    except Exception as e:  # the store may be elsewhere: the Optuna state is what counts
+        log.warning("event=sweep_stale_run run_id=%s error=%r", run_id, str(e)[:200])
+
+
+def finish_parent(status: str, counts: dict[str, int], metric: str, best: dict[str, Any] | None,
+                  trials: pd.DataFrame, figures: list[tuple[str, Any]]) -> None:
+    """Counts, best value/params, trials CSV and figures (self-contained HTML) on the parent; end it."""
+    import mlflow
+
+    try:
+        mlflow.log_metrics({f"n_{k}": v for k, v in counts.items()})
+        if best is not None:
+            mlflow.log_metrics({"best_value": best["value"], f"best_{metric}": best["value"]})
+            mlflow.log_params({f"best_{k}": v for k, v in best["params"].items()})
+            mlflow.set_tags({"best_trial_number": str(best["number"]), "best_run_id": best["run_id"] or ""})
+        with tempfile.TemporaryDirectory() as tmp:
+            csv = Path(tmp) / "trials.csv"
+            trials.to_csv(csv, index=False)
+            mlflow.log_artifact(str(csv), "optuna")
+        for name, fig in figures:  # plotly.js inlined (~5 MB each) so the UI shows them offline
+            mlflow.log_figure(fig, f"optuna/{name}.html", save_kwargs={"include_plotlyjs": True})
+    finally:
+        mlflow.end_run(status=status)
+
+
+# ---------------------------------------------------------------------------- the end-of-sweep table
+def top_trials(trials: list[Any], direction: str, k: int = 5) -> list[dict[str, Any]]:
+    """The k best of finished Optuna FrozenTrials as rows: completed by value, then pruned by their
+    last reported value, then failed."""
+    sign = -1.0 if direction == "maximize" else 1.0
+
+    def key(t: Any) -> tuple[int, float]:
+        last = t.intermediate_values[max(t.intermediate_values)] if t.intermediate_values else None
+        v = t.value if t.state.name == "COMPLETE" else last
+        return {"COMPLETE": 0, "PRUNED": 1}.get(t.state.name, 2), sign * v if v is not None else math.inf
+
+    return [{"number": t.number, "value": t.value, "state": t.state.name, "params": t.params,
+             "run_id": t.user_attrs.get("mlflow_run_id", ""), "fail_reason": t.user_attrs.get("fail_reason", "")}
+            for t in sorted(trials, key=key)[:k]]
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """Rows of `top_trials` as a text table (param keys shortened to their last part)."""
+    lines = [f"{'trial':>5}  {'value':>8}  {'state':<8}  {'mlflow run':<32}  params"]
+    for r in rows:
+        value = f"{r['value']:.4f}" if r["value"] is not None else "-"
+        params = " ".join(f"{k.split('.')[-1]}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in r["params"].items())
+        lines.append(f"{r['number']:>5}  {value:>8}  {r['state']:<8}  {r['run_id'] or '-':<32}  {params}")
+    return "\n".join(lines)

@@ -1,0 +1,360 @@
+"""Sweep runner: trials vs MLflow runs, failures, pruning, resume, workers, stale-trial retry, CLI errors.
+
+Fast tests inject `fake_train` (metrics are a deterministic function of the params); the tests at the
+end run the real train() on a tiny model and the demo data.
+"""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from experiments.sweep import Heartbeat, main, run_sweep
+from experiments.sweep_report import format_table, top_trials
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+GOOD = {"optim.lr": 1e-3, "model.dropout": 0.1, "loss.loss_type": "bce", "aug.use_mixup": False}
+WORSE = {**GOOD, "model.dropout": 0.9}    # clearly worse at every epoch
+BROKEN = {**GOOD, "model.dropout": 0.99}  # raises like a NaN loss
+
+
+def fake_train(cfg, *, index=None, epoch_callback=None):
+    """Stands in for training.trainer.train: per-epoch val_auc from the params, a checkpoint on disk."""
+    import mlflow
+
+    if cfg.model.dropout > 0.98:
+        raise RuntimeError("loss is nan at epoch 0 batch 3; lower the LR or turn AMP off")
+    quality = 0.95 - 0.1 * abs(math.log10(cfg.optim.lr) + 3) - (0.45 if cfg.model.dropout > 0.85 else 0.0)
+    out = Path(cfg.train.output_dir) / "run"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "best.pt").write_bytes(b"weights")
+    best = -math.inf
+    for epoch in range(cfg.train.num_epochs):
+        auc = quality * (1 - 0.5 ** (epoch + 1))
+        best = max(best, auc)
+        if mlflow.active_run() is not None:
+            mlflow.log_metric("val_auc", auc, step=epoch)
+        if epoch_callback is not None:
+            epoch_callback(epoch, {"epoch": epoch, "val_auc": auc, "val_loss": 1 - auc, "train_loss": 1 - auc})
+    return SimpleNamespace(best_metric=best, output_dir=out, epochs_run=cfg.train.num_epochs)
+
+
+def hang_train(cfg, *, index=None, epoch_callback=None):
+    """A worker that gets killed mid-trial: one epoch reported, then it hangs."""
+    epoch_callback(0, {"val_auc": 0.6})
+    time.sleep(600)
+
+
+def write_sweep(tmp_path: Path, tracking: bool = False, **study) -> Path:
+    doc = {
+        "study": {"name": "t", "n_trials": 4, "seed": 0, "sampler": {"type": "tpe", "n_startup_trials": 3},
+                  "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0}, **study},
+        "base": {"model": {"model_type": "test_efficientnet", "pretrained": False},
+                 "data": {"image_size": 32, "num_workers": 0},
+                 "train": {"num_epochs": 3, "output_dir": str(tmp_path / "out")},
+                 "tracking": {"enabled": tracking, "experiment_name": "sweep-test"}},
+        "space": {
+            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "model.dropout": {"type": "float", "low": 0.0, "high": 0.99},
+            "loss.loss_type": {"type": "categorical", "choices": ["bce", "focal"]},
+            "loss.focal_gamma": {"type": "float", "low": 0.5, "high": 3.0, "when": {"loss.loss_type": "focal"}},
+            "aug.use_mixup": {"type": "categorical", "choices": [False, True]},
+            "aug.mixup_alpha": {"type": "float", "low": 0.1, "high": 0.4, "when": {"aug.use_mixup": True}},
+        },
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def storage_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'optuna.db'}"
+
+
+def enqueue(tmp_path: Path, *params: dict, name: str = "t") -> None:
+    study = optuna.create_study(study_name=name, storage=storage_url(tmp_path), direction="maximize",
+                                load_if_exists=True)
+    for p in params:
+        study.enqueue_trial(p)
+
+
+def load(tmp_path: Path, name: str = "t") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=storage_url(tmp_path))
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def child_runs(parent_run_id: str, experiment_id: str):
+    import mlflow
+
+    return mlflow.search_runs(experiment_ids=[experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+
+
+def test_tiny_sweep_trials_match_nested_mlflow_runs(tmp_path: Path, mlflow_uri: str) -> None:
+    import mlflow
+
+    enqueue(tmp_path, BROKEN, GOOD, {**GOOD, "optim.lr": 3e-3}, WORSE, {**GOOD, "model.dropout": 0.2})
+    res = run_sweep(write_sweep(tmp_path, tracking=True, n_trials=5), storage=storage_url(tmp_path),
+                    train_fn=fake_train)
+    trials = load(tmp_path).trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE,
+                                         TrialState.PRUNED, TrialState.COMPLETE]
+    runs = child_runs(res.parent_run_id, res.experiment_id)
+    assert len(runs) == 5 == res.n_trials_run
+    by_id = runs.set_index("run_id")
+    for t in trials:
+        row = by_id.loc[t.user_attrs["mlflow_run_id"]]
+        assert row["tags.trial_state"] == t.state.name and row["tags.mlflow.runName"] == f"trial-{t.number}"
+        assert row["tags.trial_number"] == str(t.number)
+        assert row["params.optim.lr"] == str(t.params["optim.lr"])
+        assert row["status"] == {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}[t.state.name]
+    assert by_id.loc[trials[0].user_attrs["mlflow_run_id"], "tags.fail_reason"].startswith("RuntimeError: loss is nan")
+    history = mlflow.MlflowClient().get_metric_history(trials[1].user_attrs["mlflow_run_id"], "val_auc")
+    assert [m.step for m in history] == [0, 1, 2]  # per-epoch curves overlay in the UI
+    parent = mlflow.get_run(res.parent_run_id)
+    best = load(tmp_path).best_trial
+    assert parent.data.metrics["best_value"] == pytest.approx(best.value)
+    assert parent.data.params["best_optim.lr"] == str(best.params["optim.lr"])
+    assert parent.data.tags["study_name"] == "t" and parent.data.tags["sweep_file"].endswith("sweep.yaml")
+    assert "git_commit" in parent.data.tags and parent.info.status == "FINISHED"
+    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(res.parent_run_id, "optuna")}
+    assert {"optuna/trials.csv", "optuna/optimization_history.html", "optuna/intermediate_values.html",
+            "optuna/parallel_coordinate.html", "optuna/slice.html"} <= artifacts
+    assert res.top[0]["state"] == "COMPLETE" and res.top[0]["value"] == pytest.approx(best.value)
+    assert "trial" in format_table(res.top) and best.user_attrs["mlflow_run_id"] in format_table(res.top)
+
+
+def test_conditional_params_appear_only_under_their_parent_choice(tmp_path: Path) -> None:
+    run_sweep(write_sweep(tmp_path, n_trials=10, sampler="random", pruner="none"), storage=storage_url(tmp_path),
+              train_fn=fake_train)
+    trials = load(tmp_path).trials
+    assert len(trials) == 10
+    assert {t.params["loss.loss_type"] for t in trials} == {"bce", "focal"}  # both branches were visited
+    for t in trials:
+        assert ("loss.focal_gamma" in t.params) == (t.params["loss.loss_type"] == "focal")
+        assert ("aug.mixup_alpha" in t.params) == t.params["aug.use_mixup"]
+
+
+def test_failing_trial_is_fail_with_reason_and_the_study_goes_on(tmp_path: Path) -> None:
+    enqueue(tmp_path, BROKEN, {**GOOD, "loss.loss_type": "focal", "loss.focal_gamma": -1.0})
+    with pytest.warns(UserWarning, match="out of range"):  # Optuna lets an enqueued value through; Config does not
+        run_sweep(write_sweep(tmp_path, n_trials=3), storage=storage_url(tmp_path), train_fn=fake_train)
+    t0, t1, t2 = load(tmp_path).trials
+    assert t0.state == TrialState.FAIL and "loss is nan" in t0.user_attrs["fail_reason"]
+    assert t1.state == TrialState.FAIL and "loss.focal_gamma" in t1.user_attrs["fail_reason"]  # ConfigError
+    assert t2.state == TrialState.COMPLETE
+
+
+def test_median_pruner_prunes_a_clearly_worse_trial(tmp_path: Path) -> None:
+    enqueue(tmp_path, GOOD, {**GOOD, "optim.lr": 3e-3}, WORSE, {**GOOD, "model.dropout": 0.3})
+    run_sweep(write_sweep(tmp_path, n_trials=4), storage=storage_url(tmp_path), train_fn=fake_train)
+    trials = load(tmp_path).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
+    assert trials[2].user_attrs["epochs_trained"] == 1 and trials[0].user_attrs["epochs_trained"] == 3
+    sweep_dir = tmp_path / "out" / "sweeps" / "t"
+    assert not (sweep_dir / "trial-0002").exists()  # pruned trials keep no checkpoints
+    assert (sweep_dir / "trial-0000" / "run" / "best.pt").is_file()
+
+
+def test_running_the_same_study_again_adds_trials(tmp_path: Path) -> None:
+    path = write_sweep(tmp_path, n_trials=2)
+    first = run_sweep(path, storage=storage_url(tmp_path), train_fn=fake_train)
+    second = run_sweep(path, n_trials=3, storage=storage_url(tmp_path), train_fn=fake_train)
+    trials = load(tmp_path).trials
+    assert (first.n_trials_run, second.n_trials_run) == (2, 3)
+    assert [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert len({t.user_attrs["sweep_id"] for t in trials}) == 2
+    assert len({repr(sorted(t.params.items())) for t in trials}) == 5  # resumed sampler does not repeat itself
+
+
+def test_timeout_stops_starting_new_trials(tmp_path: Path) -> None:
+    def slow_train(cfg, **kw):
+        time.sleep(0.5)
+        return fake_train(cfg, **kw)
+
+    t0 = time.time()
+    res = run_sweep(write_sweep(tmp_path, n_trials=100, timeout=1.0), storage=storage_url(tmp_path), train_fn=slow_train)
+    assert 1 <= res.n_trials_run <= 3 and time.time() - t0 < 30
+
+
+def test_two_workers_share_one_budget(tmp_path: Path, mlflow_uri: str) -> None:
+    res = run_sweep(write_sweep(tmp_path, tracking=True, n_trials=6), storage=storage_url(tmp_path), n_workers=2,
+                    train_fn=fake_train)
+    trials = load(tmp_path).trials
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL) for t in trials)
+    runs = child_runs(res.parent_run_id, res.experiment_id)
+    assert sorted(runs["tags.trial_number"].astype(int)) == list(range(6))
+    assert sorted(runs["tags.trial_state"]) == sorted(t.state.name for t in trials)
+
+
+def test_a_killed_workers_trial_is_retried(tmp_path: Path, mlflow_uri: str) -> None:
+    path, url = write_sweep(tmp_path, tracking=True, n_trials=1), storage_url(tmp_path)
+    code = (f"import sys; sys.path[:0] = [{str(REPO_ROOT)!r}, {str(TESTS)!r}]\n"
+            "from test_sweep import hang_train\nfrom experiments.sweep import Heartbeat, run_sweep\n"
+            f"run_sweep({str(path)!r}, storage={url!r}, train_fn=hang_train, heartbeat=Heartbeat(1, 2, 1))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                trials = load(tmp_path).trials
+            except KeyError:  # the study does not exist yet
+                trials = []
+            if trials and trials[0].intermediate_values:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the worker never reported its first epoch")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert load(tmp_path).trials[0].state == TrialState.RUNNING
+    time.sleep(3)  # > grace_period
+    res = run_sweep(path, storage=url, train_fn=fake_train, heartbeat=Heartbeat(1, 2, 1))
+    killed, retry = load(tmp_path).trials
+    assert killed.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.params == killed.params and res.n_trials_run == 1
+    import mlflow
+
+    old = mlflow.get_run(killed.user_attrs["mlflow_run_id"])
+    assert old.info.status == "KILLED" and old.data.tags["trial_state"] == "FAIL"
+    assert mlflow.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["retry_of_trial"] == "0"
+
+
+def test_top_trials_rank_completed_then_pruned_then_failed() -> None:
+    def mk(n: int, state: str, value: float | None = None, curve: dict | None = None) -> SimpleNamespace:
+        return SimpleNamespace(number=n, state=SimpleNamespace(name=state), value=value, intermediate_values=curve or {},
+                               params={"optim.lr": 1e-3, "loss.loss_type": "bce"}, user_attrs={"mlflow_run_id": f"r{n}"})
+
+    trials = [mk(0, "FAIL"), mk(1, "COMPLETE", 0.7), mk(2, "PRUNED", 0.5, {0: 0.5}), mk(3, "COMPLETE", 0.9)]
+    assert [r["number"] for r in top_trials(trials, "maximize", k=3)] == [3, 1, 2]
+    assert [r["number"] for r in top_trials(trials, "minimize")] == [1, 3, 2, 0]
+    table = format_table(top_trials(trials, "maximize"))
+    assert "0.9000" in table and "lr=0.001 loss_type=bce" in table and "r3" in table
+
+
+@pytest.mark.parametrize("space,words", [
+    ({"optim.lrr": {"type": "float", "low": 1e-4, "high": 1e-2}}, ["optim.lrr"]),
+    ({"optim.lr": {"type": "float", "low": 1e-2, "high": 1e-4}}, ["space.optim.lr", "low"]),
+])
+def test_bad_sweep_file_exits_2_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, space, words) -> None:
+    path = write_sweep(tmp_path)
+    doc = yaml.safe_load(path.read_text())
+    doc["space"].update(space)
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["--sweep", str(path), "--storage", storage_url(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and len(err.splitlines()) == 1 and str(path) in err
+    for w in words:
+        assert w in err
+
+
+def test_script_runs_from_the_repo_root_and_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("study: {name: x}\nspace: {train.freeze: {type: categorical, choices: [full]}}\n")
+    out = subprocess.run([sys.executable, "experiments/sweep.py", "--sweep", str(bad)], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "train.freeze" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- real train()
+def real_sweep_file(tmp_path: Path, n_trials: int) -> Path:
+    doc = {
+        "study": {"name": "real", "n_trials": n_trials, "seed": 0, "sampler": {"type": "tpe", "n_startup_trials": 2},
+                  "pruner": {"type": "median", "n_startup_trials": 2}},
+        "base": {"model": {"model_type": "test_efficientnet", "pretrained": False},
+                 "data": {"image_size": 32, "batch_size": 16, "num_workers": 0, "max_samples_per_split": 24},
+                 "train": {"num_epochs": 2, "output_dir": str(tmp_path / "out")},
+                 "tracking": {"experiment_name": "sweep-real", "log_model": False}},
+        "space": {
+            "train.freeze_strategy": {"type": "categorical", "choices": ["full", "frozen", "progressive"]},
+            "train.unfreeze_epoch": {"type": "categorical", "choices": [1],
+                                     "when": {"train.freeze_strategy": "progressive"}},
+            "loss.loss_type": {"type": "categorical", "choices": ["bce", "focal", "label_smoothing"]},
+            "loss.focal_gamma": {"type": "float", "low": 1.0, "high": 3.0, "when": {"loss.loss_type": "focal"}},
+            "aug.use_mixup": {"type": "categorical", "choices": [False, True]},
+            "optim.scheduler": {"type": "categorical", "choices": ["cosine", "plateau", "onecycle"]},
+            "optim.gradient_accumulation": {"type": "categorical", "choices": [1, 2]},
+            "optim.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+            "model.dropout": {"type": "float", "low": 0.0, "high": 0.9},
+            "train.use_amp": {"type": "categorical", "choices": [True, False]},
+        },
+    }
+    path = tmp_path / "real.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def train_pruned_when_high_dropout(cfg, *, index=None, epoch_callback=None):
+    """The real train(); its first epoch is pruned when model.dropout > 0.8 (a deterministic prune)."""
+    from training.trainer import train
+
+    def callback(epoch: int, metrics: dict[str, float]) -> None:
+        epoch_callback(epoch, metrics)
+        if cfg.model.dropout > 0.8:
+            raise optuna.TrialPruned("forced by the test")
+
+    return train(cfg, index=index, epoch_callback=callback)
+
+
+@pytest.mark.slow
+def test_real_train_sweep_end_to_end(tmp_path: Path, mlflow_uri: str) -> None:
+    import mlflow
+
+    enqueue(tmp_path, {"train.freeze_strategy": "progressive", "train.unfreeze_epoch": 1, "loss.loss_type": "focal",
+                       "loss.focal_gamma": 2.0, "aug.use_mixup": True, "optim.scheduler": "onecycle",
+                       "model.dropout": 0.1, "train.use_amp": True},
+            {"model.dropout": 0.85}, name="real")
+    res = run_sweep(real_sweep_file(tmp_path, 4), storage=storage_url(tmp_path),
+                    train_fn=train_pruned_when_high_dropout, scan_data=True)
+    trials = load(tmp_path, "real").trials
+    assert len(trials) == 4 and trials[1].state == TrialState.PRUNED
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials), [
+        t.user_attrs.get("fail_reason") for t in trials]
+    runs = child_runs(res.parent_run_id, res.experiment_id).set_index("run_id")
+    assert len(runs) == 4
+    assert len(mlflow.search_runs(experiment_ids=[res.experiment_id])) == 5  # train() logged into the trial runs
+    sweep_dir = tmp_path / "out" / "sweeps" / "real"
+    for t in trials:
+        row = runs.loc[t.user_attrs["mlflow_run_id"]]
+        assert row["tags.trial_state"] == t.state.name
+        assert row["params.model.model_type"] == "test_efficientnet"  # train's full flattened config
+        history = mlflow.MlflowClient().get_metric_history(t.user_attrs["mlflow_run_id"], "val_auc")
+        epochs = t.user_attrs["epochs_trained"]
+        assert epochs == (2 if t.state == TrialState.COMPLETE else 1)
+        assert set(range(epochs)) <= {m.step for m in history}  # per-epoch curves in the trial's run
+        if t.state == TrialState.COMPLETE:
+            assert list((sweep_dir / f"trial-{t.number:04d}").glob("*/best.pt"))
+        else:
+            assert not (sweep_dir / f"trial-{t.number:04d}").exists()
+    assert trials[0].params["loss.focal_gamma"] == 2.0 and runs.loc[trials[0].user_attrs["mlflow_run_id"],
+                                                                      "params.loss.loss_type"] == "focal"
+
+
+@pytest.mark.slow
+def test_real_train_two_workers(tmp_path: Path, mlflow_uri: str) -> None:
+    res = run_sweep(real_sweep_file(tmp_path, 3), storage=storage_url(tmp_path), n_workers=2, pruner="none")
+    trials = load(tmp_path, "real").trials
+    assert sorted(t.number for t in trials) == [0, 1, 2]
+    assert all(t.state == TrialState.COMPLETE for t in trials), [t.user_attrs.get("fail_reason") for t in trials]
+    assert len(child_runs(res.parent_run_id, res.experiment_id)) == 3
