@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import math
 import sys
 import tempfile
@@ -349,12 +348,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: bars are noise
-    from training.config import TrackingConfig
-    from training.tracking import resolve_tracking_uri
+    from training.tracking import setup_cli
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(TrackingConfig(tracking_uri=a.tracking_uri)))
+    setup_cli(a.tracking_uri)
     try:
         r = run_ensemble(experiment=a.experiment, study=a.study, run_ids=a.runs, top=a.top, metric=a.metric,
                          method=a.method, calibrate=a.calibrate, log_model=not a.no_model, out_dir=a.out,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 import sys
 from pathlib import Path
@@ -158,15 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which an image is fake")
     p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: bars are noise
-    import mlflow
-
     from training.checkpoints import CheckpointError
-    from training.config import TrackingConfig
-    from training.tracking import resolve_tracking_uri
+    from training.tracking import setup_cli
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(TrackingConfig(tracking_uri=a.tracking_uri)))
+    setup_cli(a.tracking_uri)
     try:
         paths = collect_images(a.input)
         df, skipped = score_images(load_scorer(a.model, a.run, a.checkpoint), paths, a.batch_size, a.threshold)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -233,12 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="move champion even if the gate refuses")
     p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: bars are noise
-    from training.config import TrackingConfig
-    from training.tracking import resolve_tracking_uri
+    from training.tracking import setup_cli
 
-    mlflow.set_tracking_uri(resolve_tracking_uri(TrackingConfig(tracking_uri=a.tracking_uri)))
+    setup_cli(a.tracking_uri)
     try:
         r = promote(a.run, a.name, a.margin, a.force, a.metric)
     except (PromotionError, MetricError) as e:

@@ -56,6 +56,15 @@ def configure_mlflow(tcfg: TrackingConfig) -> str:
     return eid
 
 
+def setup_cli(tracking_uri: str | None = None) -> None:
+    """What every MLflow-facing CLI does first: key=value logging, no artifact progress bars, the store."""
+    import mlflow
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # small files: bars are noise
+    mlflow.set_tracking_uri(resolve_tracking_uri(TrackingConfig(tracking_uri=tracking_uri)))
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
