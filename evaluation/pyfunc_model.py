@@ -277,8 +277,14 @@ def member_from_checkpoint(ref: str | Path, *, name: str | None = None, **calibr
 
 
 def member_from_run(run_id: str, **calibration: Any) -> MemberSpec:
-    """A run's best checkpoint: the checkpoints/best.pt artifact, else best.pt in its local run_dir."""
+    """A run's best checkpoint: the checkpoints/best.pt artifact, else best.pt in its local run_dir.
+
+    Unless given, the temperature is the one the run fitted on its validation set (metric `temperature`,
+    logged by its evaluation), so predictions from a run are calibrated as its report says."""
     from training.checkpoints import CheckpointError
+
+    if "temperature" not in calibration:
+        calibration["temperature"] = float(mlflow.get_run(run_id).data.metrics.get("temperature", 1.0))
 
     try:
         return member_from_checkpoint(f"runs:/{run_id}/checkpoints/best.pt", name=run_id, **calibration)

@@ -221,3 +221,17 @@ def test_ensemble_cli_on_trained_runs_logs_run_and_model(tmp_path: Path) -> None
     version = mlflow.MlflowClient().get_model_version("deepfake-detector", promoted.version)
     assert promoted.model_uri == run.data.tags["image_model_uri"] and version.tags["model_kind"] == "ensemble"
     assert version.tags["ensemble_members"] == ",".join(run.data.params[f"member_{i}"] for i in range(2))
+
+
+def test_a_runs_model_uses_the_temperature_the_run_fitted(tmp_path: Path) -> None:
+    """Predictions from a run apply its validation temperature; an explicit one (ensembles) wins."""
+    from evaluation.pyfunc_model import member_from_run
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
+    ckpt = tiny_member(tmp_path, seed=0, image_size=32).rename(tmp_path / "best.pt")
+    eid = mlflow.create_experiment("temperature", artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=eid) as run:
+        mlflow.log_artifact(str(ckpt), "checkpoints")
+        mlflow.log_metric("temperature", 2.5)
+    assert member_from_run(run.info.run_id).temperature == 2.5
+    assert member_from_run(run.info.run_id, temperature=1.0).temperature == 1.0
