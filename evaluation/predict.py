@@ -145,7 +145,48 @@ def labelled_metrics(df: pd.DataFrame, threshold: float = 0.5) -> dict[str, floa
     return out
 
 
+VIDEO_FLAGS = {"--test-pairs": "--pairs", "--video-dir": "--video-dir", "--video": "--video"}
+
+
+def predict_videos(argv: list[str]) -> int:
+    """Seed-guide video scoring: --checkpoint with --test-pairs/--video-dir/--video goes to
+    evaluation.video_scoring; a registry/pyfunc --model with --video scores the extracted faces per frame."""
+    from evaluation import video_scoring
+
+    if "--model" not in argv:
+        return video_scoring.main([VIDEO_FLAGS.get(a, a) for a in argv])
+    p = argparse.ArgumentParser(prog="python -m evaluation.predict")
+    p.add_argument("--model", required=True)
+    p.add_argument("--video", required=True, help="with --model: one raw video file (faces are extracted first)")
+    p.add_argument("--output-dir", default="results")
+    p.add_argument("--n-frames", type=int, default=32)
+    p.add_argument("--rule", default="mean")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--tracking-uri")
+    a = p.parse_args(argv)
+    from training.tracking import setup_cli
+    from training.video_data import list_frames
+
+    setup_cli(a.tracking_uri)
+    try:
+        video = video_scoring.videos_from_file(a.video, Path(a.output_dir) / "faces", n_frames=a.n_frames)[0]
+        frames = list_frames(video.path)
+        scored = load_scorer(model=a.model).predict(pd.DataFrame({"path": frames}))
+    except (OSError, ValueError, PredictError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    table = pd.DataFrame({"path": frames, "label": video.label, "score": np.asarray(scored["fake_prob"], float),
+                          "group": video.group})
+    videos = video_scoring.aggregate_frames(table, a.rule)
+    video_scoring.write_report(videos, a.output_dir, table, threshold=a.threshold)
+    print(f"{a.video}: fake_prob={videos['score'].iloc[0]:.4f} over {len(frames)} face frame(s) -> {a.output_dir}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(arg.split("=")[0] in VIDEO_FLAGS for arg in argv):
+        return predict_videos(argv)
     p = argparse.ArgumentParser(prog="python -m evaluation.predict", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="pyfunc URI, e.g. models:/deepfake-detector@champion or runs:/ID/image_model")

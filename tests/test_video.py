@@ -295,6 +295,15 @@ def test_frame_model_scores_per_video(frame_videos: Path, tmp_path: Path) -> Non
     assert score_main(["--checkpoint", str(ckpt), "--data-dir", str(frame_videos), "--output-dir",
                        str(tmp_path / "cli"), "--rule", "median", "--device", "cpu"]) == 0
     assert len(pd.read_csv(tmp_path / "cli" / "predictions.csv")) == 12
+    # the seed guide's command: python -m evaluation.predict --checkpoint X --test-pairs pairs.csv --output-dir results
+    from evaluation.predict import main as predict_main
+
+    pairs = tmp_path / "training_pairs.csv"
+    pairs.write_text("video_path,label\n" + "".join(f"{v.path},{v.label}\n" for v in videos))
+    assert predict_main(["--checkpoint", str(ckpt), "--test-pairs", str(pairs), "--output-dir", str(tmp_path / "seed")]) == 0
+    assert len(pd.read_csv(tmp_path / "seed" / "predictions.csv")) == 12
+    assert predict_main(["--checkpoint", str(ckpt), "--video-dir", videos[0].path, "--output-dir", str(tmp_path / "one")]) == 0
+    assert len(pd.read_csv(tmp_path / "one" / "predictions.csv")) == 1
 
 
 def test_sequence_model_scores_per_video(frame_videos: Path, tmp_path: Path) -> None:
