@@ -33,7 +33,7 @@ def soft_mask(
     """
     cx, cy = center if center is not None else (0.5 + rng.uniform(-0.05, 0.05), 0.5 + rng.uniform(-0.05, 0.05))
     ax, ay = axes if axes is not None else (rng.uniform(0.22, 0.32), rng.uniform(0.28, 0.38))
-    t = rng.uniform(0, 2 * np.pi, hull_points)
+    t = (np.arange(hull_points) + rng.uniform(0, 1, hull_points)) * 2 * np.pi / hull_points  # all around
     r = np.sqrt(rng.uniform(0.55, 1.0, hull_points))  # stay near the rim: a face-sized region
     pts = np.stack([r * np.cos(t) * ax * w, r * np.sin(t) * ay * h], axis=1)
     a = np.deg2rad(angle)

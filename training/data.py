@@ -15,6 +15,7 @@ import csv
 import hashlib
 import logging
 import os
+import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -72,13 +73,6 @@ class DataIndex:
         return {s: {name: sum(x.label == lab for x in self.split(s)) for lab, name in enumerate(LABELS)}
                 for s in SPLITS}
 
-    def subsets(self, split: str) -> dict[str, int]:
-        """Sample count per subset (None -> "-") in one split."""
-        out: dict[str, int] = {}
-        for x in self.split(split):
-            out[x.subset or "-"] = out.get(x.subset or "-", 0) + 1
-        return out
-
 
 def pos_weight(index: DataIndex) -> float:
     """n_real / n_fake on train: BCE's pos_weight for a class-balanced loss."""
@@ -109,13 +103,8 @@ def check_image(path: str) -> str | None:
 def _filter_readable(samples: list[Sample], skipped: list[tuple[str, str]]) -> list[Sample]:
     with ThreadPoolExecutor(max_workers=8) as pool:
         reasons = list(pool.map(check_image, [s.path for s in samples]))
-    good = []
-    for s, reason in zip(samples, reasons):
-        if reason is None:
-            good.append(s)
-        else:
-            skipped.append((s.path, reason))
-    return good
+    skipped += [(s.path, r) for s, r in zip(samples, reasons) if r is not None]
+    return [s for s, r in zip(samples, reasons) if r is None]
 
 
 def _class_dirs(folder: Path) -> dict[int, Path]:
@@ -229,7 +218,9 @@ def scan(data_cfg: DataConfig, seed: int) -> DataIndex:
     _warn_skipped(skipped, source)
     if not samples:
         raise DataError(f"no readable images in {source}; {EXPECTED_LAYOUT}")
-    _check_classes(samples, source)
+    for label, name in enumerate(LABELS):
+        if not any(s.label == label for s in samples):
+            raise DataError(f"empty class: no readable {name} images in {source}")
     if fixed is None:
         parts = split_samples(samples, data_cfg.split, seed)
     elif not fixed["val"]:  # only train (and maybe test) given: carve val out of train
@@ -254,12 +245,6 @@ def _warn_skipped(skipped: list[tuple[str, str]], source: str) -> None:
         first = "; ".join(f"{p} ({r})" for p, r in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         log.warning("skipped %d unreadable file(s) in %s: %s%s", len(skipped), source, first, more)
-
-
-def _check_classes(samples: list[Sample], source: str) -> None:
-    for label, name in enumerate(LABELS):
-        if not any(s.label == label for s in samples):
-            raise DataError(f"empty class: no readable {name} images in {source}")
 
 
 def _check_split(name: str, samples: list[Sample], source: str, required: bool) -> None:
@@ -393,8 +378,6 @@ def collate_drop_none(batch: list, image_size: int) -> tuple[torch.Tensor, torch
 
 def seed_worker(worker_id: int) -> None:
     """Seed numpy, random and the worker's albumentations pipeline from torch's per-worker seed."""
-    import random
-
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
