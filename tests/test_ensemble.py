@@ -146,7 +146,7 @@ def tiny_member(tmp: Path, seed: int, image_size: int, model_type: str = "test_e
 
 def demo_images(n_per_class: int = 3) -> list[str]:
     root = ensure_demo_data()
-    return [str(p) for c in ("real", "fake") for p in sorted((root / c).rglob("*.jpg"))[:n_per_class]]
+    return [str(p) for c in ("real", "fake") for p in sorted(root.rglob(f"{c}/**/*.jpg"))[:n_per_class]]
 
 
 def reference_probs(checkpoint: Path, paths: list[str]) -> np.ndarray:

@@ -30,7 +30,7 @@ from training.config import REPO_ROOT
 log = logging.getLogger(__name__)
 
 GENERATOR = "dfsweep-demo-faces"
-GENERATOR_VERSION = 1  # bump when the images change: existing sets are regenerated
+GENERATOR_VERSION = 2  # bump when the images change: existing sets are regenerated
 DEFAULT_ROOT = REPO_ROOT / "data" / "demo"
 MANIFEST = "manifest.json"
 SPLIT = (0.7, 0.15, 0.15)
