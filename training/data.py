@@ -154,6 +154,17 @@ def _compile_group(group_by: str | None) -> re.Pattern[str] | None:
                         r"whose first group is the key, e.g. '^(.+)_\d+\.jpg$'") from None
 
 
+def csv_label_split(row: dict[str, str], path: Path, line: int) -> tuple[int, str | None]:
+    """(label, canonical split or None) of one CSV index row; a bad value is a DataError naming the line."""
+    label = _LABEL_WORDS.get(row["label"].lower())
+    if label is None:
+        raise DataError(f"{path} line {line}: label {row['label']!r} must be real/fake or 0/1")
+    split = row.get("split") or None
+    if split is not None and split.lower() not in _SPLIT_ALIASES:
+        raise DataError(f"{path} line {line}: split {split!r} must be train, val or test")
+    return label, _SPLIT_ALIASES[split.lower()] if split else None
+
+
 def _scan_csv(path: Path) -> tuple[list[Sample], list[str | None]]:
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
@@ -163,16 +174,11 @@ def _scan_csv(path: Path) -> tuple[list[Sample], list[str | None]]:
         rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
     samples, splits = [], []
     for n, r in enumerate(rows, start=2):
-        label = _LABEL_WORDS.get(r["label"].lower())
-        if label is None:
-            raise DataError(f"{path} line {n}: label {r['label']!r} must be real/fake or 0/1")
-        split = r.get("split") or None
-        if split is not None and split.lower() not in _SPLIT_ALIASES:
-            raise DataError(f"{path} line {n}: split {split!r} must be train, val or test")
+        label, split = csv_label_split(r, path, n)
         p = Path(r["path"]).expanduser()
         samples.append(Sample(str(p if p.is_absolute() else path.parent / p), label,
                               r.get("group") or None, r.get("subset") or None))
-        splits.append(_SPLIT_ALIASES[split.lower()] if split else None)
+        splits.append(split)
     if not samples:
         raise DataError(f"{path}: no rows; expected columns path,label[,group][,split][,subset]")
     if "split" in cols and None in splits and any(splits):

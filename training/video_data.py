@@ -32,7 +32,7 @@ from augmentation.policies import POLICIES, parse_policy, seed_transform
 from models.video import SequenceBatch
 from training.data import (  # the same class-folder, label and split spellings as image data
     _CLASS_RE, _LABEL_WORDS as _LABELS, _SPLIT_ALIASES, IMAGE_EXTENSIONS, SPLITS, DataError, DataIndex, Sample,
-    balanced_sampler, cap_split, data_digest, load_rgb, split_samples,
+    balanced_sampler, cap_split, csv_label_split, data_digest, load_rgb, split_samples,
 )
 
 log = logging.getLogger(__name__)
@@ -130,13 +130,7 @@ def read_pairs(path: Path, group_by: str | None = None) -> tuple[list[Sample], l
     seen: dict[str, tuple[int, str | None]] = {}
     samples, splits = [], []
     for n, r in enumerate(rows, start=2):
-        label = _LABELS.get(r["label"].lower())
-        if label is None:
-            raise DataError(f"{path} line {n}: label {r['label']!r} must be real/fake or 0/1")
-        split = r.get("split") or None
-        if split is not None and split.lower() not in _SPLIT_ALIASES:
-            raise DataError(f"{path} line {n}: split {split!r} must be train, val or test")
-        split = _SPLIT_ALIASES[split.lower()] if split else None
+        label, split = csv_label_split(r, path, n)
         p = Path(r[col]).expanduser()
         p = p if p.is_absolute() else path.parent / p
         if p.suffix.lower() in VIDEO_FILE_EXTENSIONS:
