@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -388,7 +388,7 @@ def seed_worker(worker_id: int) -> None:
     np.random.seed(seed)
     random.seed(seed)
     info = torch.utils.data.get_worker_info()
-    if info is not None and isinstance(info.dataset, ImageDataset):
+    if info is not None and getattr(info.dataset, "transform", None) is not None:  # image or clip datasets
         seed_transform(info.dataset.transform, seed)
 
 
@@ -398,6 +398,21 @@ def balanced_sampler(samples: Sequence[Sample], generator: torch.Generator) -> W
     counts = torch.bincount(labels, minlength=2).clamp(min=1).double()
     return WeightedRandomSampler((1.0 / counts)[labels], num_samples=len(samples), replacement=True,
                                  generator=generator)
+
+
+def make_loader(dataset: Dataset, samples: Sequence[Sample], cfg: Config, *, train: bool, seed: int,
+                collate_fn: Callable, device_type: str = "cpu") -> DataLoader:
+    """The DataLoader every split of image or clip data gets: seeded order, balanced sampler, seeded workers."""
+    d = cfg.data
+    gen = torch.Generator().manual_seed(seed)
+    sampler = balanced_sampler(samples, gen) if train and d.balance == "sampler" else None
+    return DataLoader(
+        dataset, batch_size=d.batch_size, shuffle=train and sampler is None, sampler=sampler,
+        num_workers=d.num_workers, collate_fn=collate_fn, pin_memory=device_type == "cuda",
+        drop_last=train and len(samples) > d.batch_size, generator=gen, worker_init_fn=seed_worker,
+        # the train loader's workers restart each epoch so they pick up the epoch's seed (exact resume)
+        persistent_workers=d.num_workers > 0 and not train,
+    )
 
 
 def build_loaders(index: DataIndex, cfg: Config, mean: Sequence[float], std: Sequence[float], *,
@@ -414,20 +429,6 @@ def build_loaders(index: DataIndex, cfg: Config, mean: Sequence[float], std: Seq
         train = name == "train"
         transform = build_transform(d.aug_policy if train else "none", size, mean, std, train, seed=seed + k,
                                     center_crop=d.center_crop)
-        gen = torch.Generator().manual_seed(seed + k)
-        sampler = balanced_sampler(samples, gen) if train and d.balance == "sampler" else None
-        loaders[name] = DataLoader(
-            ImageDataset(samples, transform, decode_size(size, d.center_crop)),
-            batch_size=d.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            num_workers=d.num_workers,
-            collate_fn=collate,
-            pin_memory=device_type == "cuda",
-            drop_last=train and len(samples) > d.batch_size,
-            generator=gen,
-            worker_init_fn=seed_worker,
-            # the train loader's workers restart each epoch so they pick up the epoch's seed (exact resume)
-            persistent_workers=d.num_workers > 0 and not train,
-        )
+        loaders[name] = make_loader(ImageDataset(samples, transform, decode_size(size, d.center_crop)), samples,
+                                    cfg, train=train, seed=seed + k, collate_fn=collate, device_type=device_type)
     return loaders

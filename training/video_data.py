@@ -32,7 +32,7 @@ from augmentation.policies import POLICIES, parse_policy, seed_transform
 from models.video import SequenceBatch
 from training.data import (  # the same class-folder, label and split spellings as image data
     _CLASS_RE, _LABEL_WORDS as _LABELS, _SPLIT_ALIASES, IMAGE_EXTENSIONS, SPLITS, DataError, DataIndex, Sample,
-    balanced_sampler, cap_split, csv_label_split, data_digest, load_rgb, split_samples,
+    cap_split, csv_label_split, data_digest, load_rgb, make_loader, split_samples,
 )
 
 log = logging.getLogger(__name__)
@@ -301,9 +301,9 @@ class VideoClipDataset(Dataset):
         if train and aug_policy != "none":
             base, args = parse_policy(aug_policy)
             middle = POLICIES.get(base)(image_size, *args)
-        self.augment = A.Compose(middle) if middle else None
-        if self.augment is not None:
-            seed_transform(self.augment, seed)
+        self.transform = A.Compose(middle) if middle else None
+        if self.transform is not None:
+            seed_transform(self.transform, seed)
         self._frames: dict[int, list[str]] = {}
         self._warned: set[str] = set()
 
@@ -346,8 +346,8 @@ class VideoClipDataset(Dataset):
             last = decoded[k] if decoded[k] is not None else last
             clip.append(last)
         hq = np.stack(clip)
-        if self.augment is not None:
-            hq = self.augment(images=hq)["images"]
+        if self.transform is not None:
+            hq = self.transform(images=hq)["images"]
         lo, hi = st.lq_jpeg_quality
         quality = np.random.randint(lo, hi + 1) if self.train else (lo + hi) // 2
         lq = degrade_lq(hq, self.lq_size, quality)
@@ -368,18 +368,6 @@ def collate_clips(batch: list, length: int, size: int, lq_size: int) -> tuple[Se
             torch.tensor(idx, dtype=torch.int64))
 
 
-def seed_video_worker(worker_id: int) -> None:
-    """Seed numpy, random and the worker's clip augmentation from torch's per-worker seed."""
-    import random
-
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    if info is not None and getattr(info.dataset, "augment", None) is not None:
-        seed_transform(info.dataset.augment, seed)
-
-
 def build_video_loaders(index: DataIndex, cfg: Any, mean: Sequence[float], std: Sequence[float], *,
                         device_type: str = "cpu", settings: VideoSettings | None = None) -> dict[str, DataLoader]:
     """Loaders "train", "val", "test" (if non-empty) over clips; the same contract as training.data.build_loaders."""
@@ -393,14 +381,8 @@ def build_video_loaders(index: DataIndex, cfg: Any, mean: Sequence[float], std: 
         if not samples:
             continue
         train = name == "train"
-        gen = torch.Generator().manual_seed(seed + k)
-        sampler = balanced_sampler(samples, gen) if train and d.balance == "sampler" else None
         ds = VideoClipDataset(samples, settings, d.image_size, mean, std, train=train,
                               aug_policy=d.aug_policy if train else "none", seed=seed + k)
-        loaders[name] = DataLoader(
-            ds, batch_size=d.batch_size, shuffle=train and sampler is None, sampler=sampler,
-            num_workers=d.num_workers, collate_fn=collate, pin_memory=device_type == "cuda",
-            drop_last=train and len(samples) > d.batch_size, generator=gen, worker_init_fn=seed_video_worker,
-            persistent_workers=d.num_workers > 0,
-        )
+        loaders[name] = make_loader(ds, samples, cfg, train=train, seed=seed + k, collate_fn=collate,
+                                    device_type=device_type)
     return loaders
