@@ -6,6 +6,8 @@ ratio and the best-value gap. Target (issue 3): at least 40% fewer epochs, best 
     python bench/sweep_pruning.py                                   # default study, ~2 x 10 min on 2 CPU cores
     python bench/sweep_pruning.py --n_trials 8 --set train.num_epochs=2
     python bench/sweep_pruning.py --pruner percentile               # compare another pruner with none
+    python bench/sweep_pruning.py --seeds 42 43 44                  # repeat with other study seeds; prints the mean
+    python bench/sweep_pruning.py --study pruner.n_warmup_steps=1   # change the file's study section
 
 Each study gets its own temporary Optuna storage and output folder; MLflow tracking is off unless
 --track (then runs go to a temporary MLflow store too).
@@ -28,14 +30,31 @@ from training.config import parse_set  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_one(sweep: str, pruner: str, n_trials: int | None, sets: dict, track: bool, root: Path) -> dict:
+def set_study(doc: dict, study_sets: dict, seed: int | None) -> None:
+    """Apply dotted `study` overrides (pruner.n_warmup_steps=1) and the seed to a sweep file's document."""
+    study = doc.setdefault("study", {})
+    study["timeout"] = None  # the trial budget is what is compared, not the wall clock
+    if seed is not None:
+        study["seed"] = seed
+    for key, value in study_sets.items():
+        *path, last = key.split(".")
+        node = study
+        for part in path:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SystemExit(f"--study {key}: '{part}' is not a mapping in the study section")
+        node[last] = value
+
+
+def run_one(sweep: str, pruner: str, n_trials: int | None, sets: dict, track: bool, root: Path,
+            study_sets: dict, seed: int | None) -> dict:
     """Run the study once in `root` (the file's timeout removed: the trial budget is what is compared)."""
     import optuna
     import yaml
 
     root.mkdir(parents=True)
     doc = yaml.safe_load(Path(sweep).read_text())
-    doc.setdefault("study", {})["timeout"] = None
+    set_study(doc, study_sets, seed)
     if doc.get("config"):  # keep a preset path resolvable from the copy
         doc["config"] = str((Path(sweep).parent / doc["config"]) if (Path(sweep).parent / doc["config"]).is_file()
                             else doc["config"])
@@ -51,38 +70,68 @@ def run_one(sweep: str, pruner: str, n_trials: int | None, sets: dict, track: bo
     res = run_sweep(sweep, n_trials=n_trials, storage=url, pruner=pruner, overrides=overrides)
     wall = time.perf_counter() - t0
     trials = optuna.load_study(study_name=res.study_name, storage=url).trials
-    return {"pruner": pruner, "trials": len(trials),
+    return {"pruner": pruner, "seed": doc["study"].get("seed"),
+            "values": [(t.number, t.state.name, int(t.user_attrs.get("epochs_trained", 0)),
+                        None if t.value is None else round(t.value, 4)) for t in trials], "trials": len(trials),
             "pruned": sum(t.state.name == "PRUNED" for t in trials),
             "failed": sum(t.state.name == "FAIL" for t in trials),
             "epochs": sum(int(t.user_attrs.get("epochs_trained", 0)) for t in trials),
             "best": res.best_value, "wall_s": wall}
 
 
+def print_pair(base: dict, pruned: dict) -> tuple[float, float]:
+    """Print one seed's two studies; return (epoch ratio pruned/none, best value gap none - pruned)."""
+    print(f"\nseed {base['seed']}")
+    print(f"{'pruner':<10} {'trials':>6} {'pruned':>6} {'failed':>6} {'epochs':>6} {'best':>8} {'wall_s':>8}")
+    for r in (base, pruned):
+        best = f"{r['best']:.4f}" if r["best"] is not None else "-"
+        print(f"{r['pruner']:<10} {r['trials']:>6} {r['pruned']:>6} {r['failed']:>6} {r['epochs']:>6} {best:>8} "
+              f"{r['wall_s']:>8.0f}")
+    ratio = pruned["epochs"] / max(base["epochs"], 1)
+    gap = (base["best"] - pruned["best"]) if None not in (base["best"], pruned["best"]) else float("nan")
+    print(f"epochs {pruned['pruner']}/none = {ratio:.2f} ({1 - ratio:.0%} fewer); best value none - "
+          f"{pruned['pruner']} = {gap:+.4f}; wall {pruned['wall_s'] / max(base['wall_s'], 1e-9):.2f}x")
+    return ratio, gap
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", default=str(REPO_ROOT / "experiments" / "sweeps" / "default.yaml"))
     p.add_argument("--n_trials", type=int, help="trial budget for both studies (default: the file's)")
-    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "percentile"])
-    p.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pruner", choices=["median", "hyperband", "percentile"],
+                   help="the pruner compared with none (default: the file's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="study seeds to repeat the pair with (default: the file's)")
+    p.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="Config overrides for every trial, as in the training CLI")
+    p.add_argument("--study", dest="study_sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides of the sweep file's study section, e.g. pruner.n_startup_trials=4")
     p.add_argument("--track", action="store_true", help="log to a temporary MLflow store as well")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder and print its path")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import yaml
+
+    pruner = a.pruner or _named_pruner(yaml.safe_load(Path(a.sweep).read_text()))
+    if pruner == "none":
+        raise SystemExit(f"{a.sweep} has no pruner; pass --pruner median|percentile|hyperband")
+    sets, study_sets = parse_set(a.sets), parse_set(a.study_sets)
     tmp = Path(tempfile.mkdtemp(prefix="sweep_pruning_"))
-    rows = [run_one(a.sweep, pruner, a.n_trials, parse_set(a.sets), a.track, tmp / pruner)
-            for pruner in ("none", a.pruner)]
-    print(f"\n{'pruner':<10} {'trials':>6} {'pruned':>6} {'failed':>6} {'epochs':>6} {'best':>8} {'wall_s':>8}")
-    for r in rows:
-        best = f"{r['best']:.4f}" if r["best"] is not None else "-"
-        print(f"{r['pruner']:<10} {r['trials']:>6} {r['pruned']:>6} {r['failed']:>6} {r['epochs']:>6} {best:>8} "
-              f"{r['wall_s']:>8.0f}")
-    base, pruned = rows
-    ratio = pruned["epochs"] / max(base["epochs"], 1)
-    gap = (base["best"] - pruned["best"]) if None not in (base["best"], pruned["best"]) else float("nan")
+    ratios, gaps = [], []
+    for seed in a.seeds or [None]:
+        rows = [run_one(a.sweep, name, a.n_trials, sets, a.track, tmp / f"{name}-{seed}", study_sets, seed)
+                for name in ("none", pruner)]
+        ratio, gap = print_pair(*rows)
+        ratios.append(ratio)
+        gaps.append(gap)
+        if a.keep:
+            for r in rows:
+                print(f"  {r['pruner']}: (trial, state, epochs, value) {r['values']}")
+    ratio, gap = sum(ratios) / len(ratios), sum(gaps) / len(gaps)
     ok = ratio <= 0.6 and abs(gap) <= 0.01
-    print(f"\nepochs {a.pruner}/none = {ratio:.2f} ({1 - ratio:.0%} fewer); best value none - {a.pruner} = {gap:+.4f}; "
-          f"wall {pruned['wall_s'] / max(base['wall_s'], 1e-9):.2f}x")
+    if len(ratios) > 1:
+        print(f"\nmean over {len(ratios)} seeds: epochs {pruner}/none = {ratio:.2f} ({1 - ratio:.0%} fewer); "
+              f"best value none - {pruner} = {gap:+.4f} (per seed: {', '.join(f'{g:+.3f}' for g in gaps)})")
     print(f"target (>= 40% fewer epochs, best within 0.01): {'met' if ok else 'not met'}")
     if a.keep:
         print(f"studies and outputs kept in {tmp}")
@@ -91,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
+
+
+def _named_pruner(doc: dict) -> str:
+    pruner = (doc.get("study") or {}).get("pruner", "median")
+    return pruner.get("type", "median") if isinstance(pruner, dict) else str(pruner)
 
 
 if __name__ == "__main__":

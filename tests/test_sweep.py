@@ -162,9 +162,11 @@ def test_failing_trial_is_fail_with_reason_and_the_study_goes_on(tmp_path: Path)
     assert t2.state == TrialState.COMPLETE
 
 
-def test_median_pruner_prunes_a_clearly_worse_trial(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pruner", [{"type": "median", "n_startup_trials": 2},
+                                    {"type": "percentile", "percentile": 33, "n_startup_trials": 2}])
+def test_pruner_prunes_a_clearly_worse_trial(tmp_path: Path, pruner: dict) -> None:
     enqueue(tmp_path, GOOD, {**GOOD, "optim.lr": 3e-3}, WORSE, {**GOOD, "model.dropout": 0.3})
-    run_sweep(write_sweep(tmp_path, n_trials=4), storage=storage_url(tmp_path), train_fn=fake_train)
+    run_sweep(write_sweep(tmp_path, n_trials=4, pruner=pruner), storage=storage_url(tmp_path), train_fn=fake_train)
     trials = load(tmp_path).trials
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "PRUNED", "COMPLETE"]
     assert trials[2].user_attrs["epochs_trained"] == 1 and trials[0].user_attrs["epochs_trained"] == 3
