@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from models import create_detector  # noqa: E402
 from training.config import load_config  # noqa: E402
-from training.data import build_loaders, scan  # noqa: E402
+from training.data import scan  # noqa: E402
+from training.loaders import build_loaders  # noqa: E402
 from training.trainer import default_data_cfg, train  # noqa: E402
 
 

@@ -143,7 +143,7 @@ def images_from_input(model_input: Any) -> tuple[list[str] | None, list[np.ndarr
 
 def load_image(path: str, size_hint: int | None = None) -> np.ndarray:
     """uint8 RGB (H,W,3) decoded as training does; a missing or undecodable file is a request error."""
-    from training.data import load_rgb
+    from training.loaders import load_rgb
 
     if not Path(path).is_file():
         raise bad_input(f"image not found: {path}")
@@ -161,7 +161,7 @@ class _Member:
         from augmentation.policies import build_transform
         from models import create_detector
         from training.config import Config
-        from training.data import decode_size
+        from training.loaders import decode_size
 
         ckpt = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or "config" not in ckpt:

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader
 from evaluation.aggregation import AGGREGATORS, aggregate_groups
 from evaluation.metrics import MetricError, binary_metrics
 from models.video import DualStreamDetector
-from training.data import _CLASS_RE, _LABEL_WORDS, ImageDataset, Sample, collate_drop_none
+from training.data import _CLASS_RE, _LABEL_WORDS, Sample
+from training.loaders import ImageDataset, collate_drop_none
 from training.inference import predict, resolve_device
 from training.video_data import (
     VideoClipDataset, VideoSettings, collate_clips, find_videos, frame_samples, list_frames, read_pairs,

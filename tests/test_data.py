@@ -1,4 +1,4 @@
-"""Data layouts, splits, odd and corrupt images, errors, loaders (training/data.py)."""
+"""Data layouts, splits, odd and corrupt images, errors (training/data.py); loaders (training/loaders.py)."""
 from __future__ import annotations
 
 import logging
@@ -12,19 +12,8 @@ import torch
 from PIL import Image
 
 from training.config import Config, DataConfig
-from training.data import (
-    DataError,
-    DataIndex,
-    ImageDataset,
-    Sample,
-    build_loaders,
-    cap_split,
-    collate_drop_none,
-    load_rgb,
-    pos_weight,
-    scan,
-    split_samples,
-)
+from training.data import DataError, DataIndex, Sample, cap_split, pos_weight, scan, split_samples
+from training.loaders import ImageDataset, build_loaders, collate_drop_none, load_rgb
 from augmentation.policies import build_transform
 
 MEAN = STD = (0.5, 0.5, 0.5)

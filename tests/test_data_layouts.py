@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from training.config import load_config
-from training.data import DataError, build_loaders, scan
+from training.data import DataError, scan
+from training.loaders import build_loaders
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

@@ -10,7 +10,8 @@ import pytest
 
 import training.demo_data as demo
 from training.config import DataConfig
-from training.data import load_rgb, scan
+from training.data import scan
+from training.loaders import load_rgb
 
 
 def _hashes(root: Path) -> dict[str, str]:

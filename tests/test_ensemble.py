@@ -154,7 +154,7 @@ def reference_probs(checkpoint: Path, paths: list[str]) -> np.ndarray:
     from augmentation.policies import build_transform
     from models import create_detector
     from training.config import Config
-    from training.data import load_rgb
+    from training.loaders import load_rgb
 
     ckpt = torch.load(checkpoint, weights_only=True)
     cfg = Config.model_validate(ckpt["config"])

@@ -17,7 +17,7 @@ from evaluation.robustness import (
 from models import create_detector
 from training.checkpoints import atomic_save
 from training.config import load_config
-from training.data import load_rgb
+from training.loaders import load_rgb
 from evaluation.metrics import binary_metrics
 from training.eval_only import load_trained_model, score_dataset, score_samples
 

@@ -32,7 +32,7 @@ def model(tmp_path: Path) -> ImageEnsembleModel:
 
 
 def test_arrays_score_like_files_and_bad_requests_name_the_path(model: ImageEnsembleModel, tmp_path: Path) -> None:
-    from training.data import load_rgb
+    from training.loaders import load_rgb
 
     paths = demo_images(1)
     by_path = model.predict(None, pd.DataFrame({"path": paths}))

@@ -1,4 +1,4 @@
-"""Datasets and loaders: find the images, split them, decode and augment them.
+"""Find the images and split them (training.loaders decodes, augments and batches them).
 
 Layouts (`data.data_dir`):
   (a) DIR/{train,val,test}/{real,fake}/**   (val may be missing: carved out of train; test optional)
@@ -15,21 +15,16 @@ import csv
 import hashlib
 import logging
 import os
-import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from PIL import Image
 
-from augmentation.policies import build_transform, seed_transform
-from training.config import Config, DataConfig
+from training.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -321,114 +316,3 @@ def cap_split(samples: list[Sample], cap: int, seed: int) -> list[Sample]:
     rng = np.random.default_rng(seed)
     keep = np.concatenate([rng.choice(np.flatnonzero(labels == c), quota[c], replace=False) for c in (0, 1)])
     return [samples[i] for i in sorted(keep.tolist())]
-
-
-# ------------------------------------------------------------------------------------- loading
-def load_rgb(path: str, size_hint: int | None = None) -> np.ndarray:
-    """Decode any PIL-readable image to uint8 RGB (H, W, 3); JPEGs are DCT-downscaled toward size_hint."""
-    with Image.open(path) as img:
-        if size_hint and img.format == "JPEG":
-            img.draft(img.mode, (size_hint, size_hint))
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float32)
-            scale = 257.0 if arr.max(initial=0) > 255 else 1.0
-            img = Image.fromarray(np.clip(arr / scale + 0.5, 0, 255).astype(np.uint8), "L")
-        elif img.mode == "F":
-            img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
-        elif img.mode == "P" and "transparency" in img.info:
-            img = img.convert("RGBA")
-        return np.asarray(img.convert("RGB"))
-
-
-def decode_size(image_size: int, center_crop: float | None) -> int:
-    """The JPEG draft size to decode at so that a central crop still covers image_size pixels."""
-    return int(round(image_size / (center_crop or 1.0)))
-
-
-class ImageDataset(Dataset):
-    """(image tensor, label float, index) per sample; None when the file cannot be decoded."""
-
-    def __init__(self, samples: Sequence[Sample], transform, image_size: int) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-        self.image_size = image_size
-        self._warned: set[str] = set()
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, float, int] | None:
-        s = self.samples[i]
-        try:
-            image = self.transform(image=load_rgb(s.path, self.image_size))["image"]
-        except Exception as e:  # a file that passed the scan but fails to decode: drop, never crash
-            if s.path not in self._warned:
-                self._warned.add(s.path)
-                log.warning("unreadable image dropped: %s (%s: %s)", s.path, type(e).__name__, e)
-            return None
-        return image, float(s.label), i
-
-
-def collate_drop_none(batch: list, image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack (images, labels float32, indices int64), dropping None items. A batch where every item
-    failed is returned empty: images (0, 3, S, S); the trainer skips it."""
-    good = [b for b in batch if b is not None]
-    if len(good) < len(batch):
-        log.warning("dropped %d unreadable image(s) from a batch of %d", len(batch) - len(good), len(batch))
-    if not good:
-        return (torch.empty(0, 3, image_size, image_size), torch.empty(0), torch.empty(0, dtype=torch.int64))
-    images, labels, idx = zip(*good)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.float32), torch.tensor(idx, dtype=torch.int64)
-
-
-def seed_worker(worker_id: int) -> None:
-    """Seed numpy, random and the worker's albumentations pipeline from torch's per-worker seed."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    if info is not None and getattr(info.dataset, "transform", None) is not None:  # image or clip datasets
-        seed_transform(info.dataset.transform, seed)
-
-
-def balanced_sampler(samples: Sequence[Sample], generator: torch.Generator) -> WeightedRandomSampler:
-    """Draw classes equally often (with replacement), len(samples) draws per epoch."""
-    labels = torch.tensor([s.label for s in samples])
-    counts = torch.bincount(labels, minlength=2).clamp(min=1).double()
-    return WeightedRandomSampler((1.0 / counts)[labels], num_samples=len(samples), replacement=True,
-                                 generator=generator)
-
-
-def make_loader(dataset: Dataset, samples: Sequence[Sample], cfg: Config, *, train: bool, seed: int,
-                collate_fn: Callable, device_type: str = "cpu") -> DataLoader:
-    """The DataLoader every split of image or clip data gets: seeded order, balanced sampler, seeded workers."""
-    d = cfg.data
-    gen = torch.Generator().manual_seed(seed)
-    sampler = balanced_sampler(samples, gen) if train and d.balance == "sampler" else None
-    return DataLoader(
-        dataset, batch_size=d.batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=d.num_workers, collate_fn=collate_fn, pin_memory=device_type == "cuda",
-        drop_last=train and len(samples) > d.batch_size, generator=gen, worker_init_fn=seed_worker,
-        # the train loader's workers restart each epoch so they pick up the epoch's seed (exact resume)
-        persistent_workers=d.num_workers > 0 and not train,
-    )
-
-
-def build_loaders(index: DataIndex, cfg: Config, mean: Sequence[float], std: Sequence[float], *,
-                  device_type: str = "cpu") -> dict[str, DataLoader]:
-    """DataLoaders "train", "val" and "test" (if non-empty); batches are (images, labels, indices)."""
-    d, seed = cfg.data, cfg.train.seed
-    size = d.image_size
-    collate = partial(collate_drop_none, image_size=size)
-    loaders: dict[str, DataLoader] = {}
-    for k, name in enumerate(SPLITS):
-        samples = index.split(name)
-        if not samples:
-            continue
-        train = name == "train"
-        transform = build_transform(d.aug_policy if train else "none", size, mean, std, train, seed=seed + k,
-                                    center_crop=d.center_crop)
-        loaders[name] = make_loader(ImageDataset(samples, transform, decode_size(size, d.center_crop)), samples,
-                                    cfg, train=train, seed=seed + k, collate_fn=collate, device_type=device_type)
-    return loaders

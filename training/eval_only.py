@@ -90,7 +90,8 @@ def eval_loader(trained: TrainedModel, samples: list, *, batch_size: int = 64, n
                 wrap_transform: Callable[[Any], Any] | None = None):
     """A loader over `samples` with the model's eval transform (the training code's test loader);
     `wrap_transform(transform)` may replace the per-image transform (e.g. a perturbation before it)."""
-    from training.data import DataIndex, build_loaders
+    from training.data import DataIndex
+    from training.loaders import build_loaders
 
     cfg = trained.config.with_overrides({"data.batch_size": batch_size, "data.num_workers": num_workers}, "evaluation")
     index = DataIndex(train=[], val=[], test=list(samples))

@@ -100,7 +100,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.config import ConfigError, load_config, parse_set
+    from training.config import load_config, parse_set
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

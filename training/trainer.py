@@ -87,7 +87,8 @@ class Trainer:
     """Holds the objects one run needs; `fit()` runs the loop. Built by `train(cfg)`."""
 
     def __init__(self, cfg: Config, index, run_dir: Path) -> None:
-        from training.data import build_loaders, pos_weight
+        from training.data import pos_weight
+        from training.loaders import build_loaders
         from training.losses import build_mixup, create_loss
         from training.optim import build_optimizer, build_scheduler, updates_per_epoch
 

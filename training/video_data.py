@@ -32,8 +32,9 @@ from augmentation.policies import POLICIES, parse_policy, seed_transform
 from models.video import SequenceBatch
 from training.data import (  # the same class-folder, label and split spellings as image data
     _CLASS_RE, _LABEL_WORDS as _LABELS, _SPLIT_ALIASES, IMAGE_EXTENSIONS, SPLITS, DataError, DataIndex, Sample,
-    cap_split, csv_label_split, data_digest, load_rgb, make_loader, split_samples,
+    cap_split, csv_label_split, data_digest, split_samples,
 )
+from training.loaders import load_rgb, loaders_by_split
 
 log = logging.getLogger(__name__)
 
@@ -370,19 +371,14 @@ def collate_clips(batch: list, length: int, size: int, lq_size: int) -> tuple[Se
 
 def build_video_loaders(index: DataIndex, cfg: Any, mean: Sequence[float], std: Sequence[float], *,
                         device_type: str = "cpu", settings: VideoSettings | None = None) -> dict[str, DataLoader]:
-    """Loaders "train", "val", "test" (if non-empty) over clips; the same contract as training.data.build_loaders."""
-    d, seed = cfg.data, cfg.train.seed
+    """Loaders "train", "val", "test" (if non-empty) over clips; the same contract as training.loaders.build_loaders."""
+    d = cfg.data
     settings = settings or VideoSettings.from_config(cfg)
     collate = partial(collate_clips, length=settings.sequence_length, size=d.image_size,
                       lq_size=settings.lq(d.image_size))
-    loaders: dict[str, DataLoader] = {}
-    for k, name in enumerate(SPLITS):
-        samples = index.split(name)
-        if not samples:
-            continue
-        train = name == "train"
-        ds = VideoClipDataset(samples, settings, d.image_size, mean, std, train=train,
-                              aug_policy=d.aug_policy if train else "none", seed=seed + k)
-        loaders[name] = make_loader(ds, samples, cfg, train=train, seed=seed + k, collate_fn=collate,
-                                    device_type=device_type)
-    return loaders
+
+    def dataset(samples: list[Sample], train: bool, seed: int) -> VideoClipDataset:
+        return VideoClipDataset(samples, settings, d.image_size, mean, std, train=train,
+                                aug_policy=d.aug_policy if train else "none", seed=seed)
+
+    return loaders_by_split(index, cfg, dataset, collate, device_type)
