@@ -14,8 +14,10 @@ Every error is a `ConfigError` naming the file and the key. Sampling calls `tria
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -138,6 +140,14 @@ class SweepSpec:
     @property
     def touches_scan(self) -> bool:
         return any(p.key in SCAN_KEYS for p in self.params)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what makes trial values comparable: base Config (less where outputs go), space, metric."""
+        base = self.base.model_dump(mode="json", exclude={"tracking": True, "train": {"output_dir", "device"},
+                                                          "data": {"num_workers"}})
+        doc = {"base": base, "space": [asdict(p) for p in self.params], "metric": self.study.metric}
+        return hashlib.sha1(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 # ---------------------------------------------------------------------------- loading

@@ -126,6 +126,13 @@ def open_study(spec: SweepSpec, storage: RDBStorage, seed: int, create: bool) ->
     if study.direction.name.lower() != spec.study.direction:
         raise ConfigError(f"study '{spec.study.name}' already exists with direction {study.direction.name.lower()}; "
                           f"{spec.path} asks for {spec.study.direction} (use another --study_name)")
+    before, now = study.user_attrs.get("settings_fingerprint"), spec.fingerprint
+    if before != now:
+        if before is not None and study.trials:
+            log.warning("event=sweep_settings_changed study=%s trials=%d: the base config, space or metric differs "
+                        "from the earlier trials' (their values may not compare); use --study_name for a new study",
+                        spec.study.name, len(study.trials))
+        study.set_user_attr("settings_fingerprint", now)
     return study
 
 

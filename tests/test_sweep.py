@@ -5,6 +5,7 @@ end run the real train() on a tiny model and the demo data.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -184,6 +185,17 @@ def test_running_the_same_study_again_adds_trials(tmp_path: Path) -> None:
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     assert len({t.user_attrs["sweep_id"] for t in trials}) == 2
     assert len({repr(sorted(t.params.items())) for t in trials}) == 5  # resumed sampler does not repeat itself
+
+
+def test_resuming_with_changed_settings_warns(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path, url = write_sweep(tmp_path, n_trials=1), storage_url(tmp_path)
+    run_sweep(path, storage=url, train_fn=fake_train)
+    with caplog.at_level(logging.WARNING, logger="experiments.sweep"):
+        run_sweep(path, storage=url, train_fn=fake_train, overrides={"train.output_dir": str(tmp_path / "elsewhere")})
+        assert "sweep_settings_changed" not in caplog.text  # where outputs go does not change trial values
+        run_sweep(path, storage=url, train_fn=fake_train, overrides={"train.num_epochs": 2})
+    assert "event=sweep_settings_changed study=t trials=2" in caplog.text and "--study_name" in caplog.text
+    assert len(load(tmp_path).trials) == 3  # a warning, not a refusal: the study still grows
 
 
 def test_timeout_stops_starting_new_trials(tmp_path: Path) -> None:
