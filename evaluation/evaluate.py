@@ -23,7 +23,6 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,7 +258,7 @@ def log_evaluation(outcome: EvalOutcome, opts: EvalOptions, experiment_name: str
     import mlflow
 
     from training.config import TrackingConfig
-    from training.tracking import configure_mlflow
+    from training.tracking import configure_mlflow, log_dataset_input
 
     source = outcome.source
     tags = {"run_kind": "evaluation", "eval_only": "true", "source_run_id": str(source.run_id),
@@ -275,12 +274,8 @@ def log_evaluation(outcome: EvalOutcome, opts: EvalOptions, experiment_name: str
         mlflow.log_params({**opts.params(), "data_dir": outcome.data.data_dir, "checkpoint": source.checkpoint,
                            "n_images": len(outcome.data.table)})
         mlflow.log_metrics({k: v for k, v in outcome.metrics.items() if pd.notna(v)})
-        with warnings.catch_warnings():  # a local path matches two registered LocalArtifactDatasetSource classes
-            warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-            ds = mlflow.data.from_pandas(outcome.data.table[["path", "label"]].astype({"label": "float64"}),
-                                         source=outcome.data.data_dir, name=outcome.data.name, targets="label",
-                                         digest=outcome.data.digest)
-        mlflow.log_input(ds, context="evaluation")
+        log_dataset_input(outcome.data.table[["path", "label"]], outcome.data.data_dir, outcome.data.name,
+                          outcome.data.digest, context="evaluation")
         mlflow.log_artifacts(str(outcome.out_dir))
     outcome.mlflow_run_id = run.info.run_id
     return run.info.run_id

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,17 @@ def ui_link(experiment_id: str, run_id: str | None = None, port: int = 5000) -> 
     return f"{base}/runs/{run_id}?workflowType=machine_learning" if run_id else f"{base}/runs?workflowType=machine_learning"
 
 
+def log_dataset_input(table: pd.DataFrame, source: str, name: str, digest: str, context: str) -> None:
+    """Log a (path, label) table as the active run's dataset input (float labels: no integer-schema hint)."""
+    import mlflow
+
+    with warnings.catch_warnings():  # a local path matches two registered LocalArtifactDatasetSource classes
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        ds = mlflow.data.from_pandas(table.astype({"label": "float64"}), source=source, name=name, targets="label",
+                                     digest=digest)
+    mlflow.log_input(ds, context=context)
+
+
 class ScoreModel(torch.nn.Module):
     """Wraps a detector so the logged model maps images (N,3,H,W) to P(fake) (N,1)."""
 
@@ -150,10 +162,7 @@ class RunTracker:
     def log_dataset(self, table: pd.DataFrame, source: str, name: str, digest: str) -> None:
         if not self.enabled:
             return
-        import mlflow
-
-        ds = mlflow.data.from_pandas(table, source=source, name=name, targets="label", digest=digest)
-        mlflow.log_input(ds, context="training")
+        log_dataset_input(table, source, name, digest, context="training")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
