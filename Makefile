@@ -20,7 +20,7 @@ SERVE_PORT ?= 5001
 SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench clean
+.PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench bench-sweep clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n",$$1,$$2}'
@@ -92,6 +92,9 @@ faces: $(STAMP) ## face crops from videos or photos: SRC=dir OUT=dir (MTCNN, res
 
 bench: $(STAMP) ## trainer vs bare PyTorch loop throughput (fp32 and bf16 + channels_last)
 	$(PY) bench/trainer_vs_bare.py
+
+bench-sweep: $(STAMP) ## default study with and without pruning (SEEDS="42 43 44"): epochs trained, best value
+	$(PY) bench/sweep_pruning.py $(if $(SEEDS),--seeds $(SEEDS))
 
 clean: ## remove outputs and generated demo data (keeps mlruns/ and .venv)
 	rm -rf outputs data/demo

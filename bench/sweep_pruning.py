@@ -3,9 +3,9 @@
 Prints, for each: trials, pruned trials, epochs trained, best value and wall time, then the epoch
 ratio and the best-value gap. Target (issue 3): at least 40% fewer epochs, best value within 0.01.
 
-    python bench/sweep_pruning.py                                   # default study, ~2 x 10 min on 2 CPU cores
+    python bench/sweep_pruning.py                                   # default study: ~5 + ~3 min on 2 idle cores
     python bench/sweep_pruning.py --n_trials 8 --set train.num_epochs=2
-    python bench/sweep_pruning.py --pruner percentile               # compare another pruner with none
+    python bench/sweep_pruning.py --pruner median                   # compare another pruner with none
     python bench/sweep_pruning.py --seeds 42 43 44                  # repeat with other study seeds; prints the mean
     python bench/sweep_pruning.py --study pruner.n_warmup_steps=1   # change the file's study section
 
