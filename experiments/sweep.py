@@ -1,7 +1,7 @@
 """Optuna sweeps over Config fields; every trial is one `train(cfg)` call and one nested MLflow run.
 
-The one module that talks to Optuna. `run_sweep` opens (or resumes) a study on an RDB storage with
-heartbeats, runs trials in this process or in `n_workers` spawned processes sharing the storage, and
+`run_sweep` opens (or resumes) a study (experiments/study.py: RDB storage with heartbeats, sampler,
+pruner), runs trials in this process or in `n_workers` spawned processes sharing the storage, and
 logs a parent MLflow run with the best trial, the trials table and Optuna's plotly figures.
 
     python experiments/sweep.py --sweep experiments/sweeps/default.yaml --n_trials 12 --n_workers 2
@@ -26,25 +26,16 @@ if __package__ in (None, ""):  # `python experiments/sweep.py` without `pip inst
 
 import optuna
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments import sweep_report as report
 from experiments.search_space import SweepSpec, load_sweep
-from training.config import REPO_ROOT, ConfigError
+from experiments.study import Heartbeat, best_trial, default_storage, make_storage, open_study, study_figures
+from training.config import ConfigError
 
 log = logging.getLogger(__name__)
 TrainFn = Callable[..., Any]
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """RDBStorage heartbeat settings; a RUNNING trial silent for `grace_period` s is failed and retried."""
-
-    interval: int = 60
-    grace_period: int = 180
-    max_retry: int = 2
 
 
 @dataclass
@@ -75,65 +66,6 @@ class _Job:
     train_fn: TrainFn
     index: Any
     max_consecutive_fails: int
-
-
-# ---------------------------------------------------------------------------- storage / study
-def default_storage() -> str:
-    (REPO_ROOT / "mlruns").mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{REPO_ROOT / 'mlruns' / 'optuna.db'}"
-
-
-def make_storage(url: str, hb: Heartbeat) -> RDBStorage:
-    """RDBStorage with heartbeat + retry of stale trials; sqlite waits on locks instead of failing."""
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=hb.interval,
-                          grace_period=hb.grace_period,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=hb.max_retry))
-
-
-def make_sampler(spec: SweepSpec, seed: int) -> optuna.samplers.BaseSampler:
-    s = spec.study
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        if s.sampler == "random":
-            return optuna.samplers.RandomSampler(seed=seed)
-        if s.sampler == "grid":
-            return optuna.samplers.GridSampler(spec.grid_space(), seed=seed)
-        opts = {"multivariate": True, "group": True, "constant_liar": True, **s.sampler_options}
-        return optuna.samplers.TPESampler(seed=seed, **opts)
-
-
-def make_pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
-    s = spec.study
-    if s.pruner == "median":
-        return optuna.pruners.MedianPruner(**s.pruner_options)
-    if s.pruner == "percentile":  # keeps the top `percentile` % at each epoch (median = 50)
-        return optuna.pruners.PercentilePruner(**{"percentile": 25.0, **s.pruner_options})
-    if s.pruner == "hyperband":
-        opts = {"min_resource": 1, "max_resource": spec.base.train.num_epochs, **s.pruner_options}
-        return optuna.pruners.HyperbandPruner(**opts)
-    return optuna.pruners.NopPruner()
-
-
-def open_study(spec: SweepSpec, storage: RDBStorage, seed: int, create: bool) -> optuna.Study:
-    """Create or load the study; sampler and pruner are not stored, so they are passed every time."""
-    kw = dict(study_name=spec.study.name, storage=storage, sampler=make_sampler(spec, seed), pruner=make_pruner(spec))
-    if not create:
-        return optuna.load_study(**kw)
-    study = optuna.create_study(direction=spec.study.direction, load_if_exists=True, **kw)
-    if study.direction.name.lower() != spec.study.direction:
-        raise ConfigError(f"study '{spec.study.name}' already exists with direction {study.direction.name.lower()}; "
-                          f"{spec.path} asks for {spec.study.direction} (use another --study_name)")
-    before, now = study.user_attrs.get("settings_fingerprint"), spec.fingerprint
-    if before != now:
-        if before is not None and study.trials:
-            log.warning("event=sweep_settings_changed study=%s trials=%d: the base config, space or metric differs "
-                        "from the earlier trials' (their values may not compare); use --study_name for a new study",
-                        spec.study.name, len(study.trials))
-        study.set_user_attr("settings_fingerprint", now)
-    return study
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -336,13 +268,13 @@ def run_sweep(
         ours = _ours(study, sweep_id)
         states = {st.name.lower(): sum(t.state == st for t in ours) for st in FINISHED}
         if parent is not None:
-            best = _best(study)
+            best = best_trial(study)
             report.finish_parent(
                 status, states, s.metric,
                 best and {"number": best.number, "value": best.value, "params": best.params,
                           "run_id": best.user_attrs.get("mlflow_run_id")},
-                study.trials_dataframe(), _figures(study))
-    best = _best(study)
+                study.trials_dataframe(), study_figures(study))
+    best = best_trial(study)
     return SweepResult(study_name=spec.study.name, storage=report.safe_url(url), experiment_id=experiment_id,
                        parent_run_id=parent, n_trials_run=len(ours), states=states,
                        best_value=best.value if best else None, best_params=best.params if best else {},
@@ -372,40 +304,6 @@ def _fail_stale(study: optuna.Study, with_mlflow: bool) -> None:
         log.warning("event=sweep_stale_trial trial=%d action=failed_and_retried", t.number)
         if t.user_attrs.get("mlflow_run_id") and with_mlflow:
             report.close_stale(t.user_attrs["mlflow_run_id"])
-
-
-# ---------------------------------------------------------------------------- results
-def _figures(study: optuna.Study) -> list[tuple[str, Any]]:
-    """Optuna's plotly figures; each is skipped (with a log line) when the study cannot support it."""
-    import optuna.visualization as vis
-
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    varying = any(len({repr(t.params.get(k)) for t in done}) > 1 for k in {k for t in done for k in t.params})
-    curves = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
-    plots = [("optimization_history", vis.plot_optimization_history, bool(done), "no completed trial"),
-             ("param_importances", vis.plot_param_importances, len(done) >= 2 and varying,
-              "needs 2 completed trials with varying params"),
-             ("parallel_coordinate", vis.plot_parallel_coordinate, bool(done), "no completed trial"),
-             ("intermediate_values", vis.plot_intermediate_values, curves, "no reported epochs"),
-             ("slice", vis.plot_slice, bool(done), "no completed trial")]
-    out = []
-    for name, fn, ok, why in plots:
-        try:
-            if not ok:
-                raise ValueError(why)
-            with warnings.catch_warnings():  # PED-ANOVA warns about small regimes on every tiny study
-                warnings.simplefilter("ignore", UserWarning)
-                out.append((name, fn(study)))
-        except Exception as e:  # a figure is a nice-to-have: never fail the sweep for it
-            log.info("event=sweep_plot_skipped plot=%s reason=%r", name, str(e).splitlines()[0][:200])
-    return out
-
-
-def _best(study: optuna.Study) -> FrozenTrial | None:
-    try:
-        return study.best_trial
-    except ValueError:  # no completed trial yet
-        return None
 
 
 # ---------------------------------------------------------------------------- CLI

@@ -1,7 +1,7 @@
 """What a sweep reports: MLflow runs (one parent per invocation, one nested run per trial) and the
 end-of-sweep table of the best trials.
 
-Plain values in (no Optuna import here; experiments/sweep.py is the one module that talks to Optuna).
+Plain values in (no Optuna import here; experiments/sweep.py and experiments/study.py talk to Optuna).
 Tags: trials carry `study_name`, `trial_number`, `trial_state` (RUNNING -> COMPLETE | PRUNED | FAIL)
 and `fail_reason`; the parent carries `study_name`, `sweep_storage`, `sweep_file`, `git_commit`.
 """
