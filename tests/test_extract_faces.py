@@ -10,10 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from preprocessing.extract_faces import (
-    INDEX_COLUMNS, ExtractOptions, crop_face, extract_dataset, find_sources, frame_indices, main, outside_fraction,
-    pick_face,
-)
+from preprocessing.extract_faces import INDEX_COLUMNS, ExtractOptions, extract_dataset, find_sources, frame_indices, main
+from preprocessing.faces import crop_face, outside_fraction, pick_face
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LFW = SHARED_DATA / "lfw_faceswap"
