@@ -20,6 +20,7 @@ from training.config import load_config
 from training.data import DataError
 from training.freezing import apply_freeze
 from training.inference import predict, predictions_table, to_device
+from training.loaders import reseed_epoch
 from training.losses import create_loss
 from training.optim import build_optimizer
 from training.registry import UnknownNameError
@@ -220,6 +221,20 @@ def test_clip_dataset_streams_and_consistent_augmentation(frame_videos: Path, tm
         assert hq.shape == (4, 3, 64, 64) and lq.shape == (4, 3, 32, 32) and label == 0.0 and i == 0
         assert all(torch.equal(hq[0], hq[t]) for t in range(4))  # one augmentation for the whole clip
         assert all(torch.equal(lq[0], lq[t]) for t in range(4))
+
+
+def test_clip_train_loader_reseeded_per_epoch_repeats_its_batches(frame_videos: Path) -> None:
+    """Exact resume for clips: an epoch's batches (order and augmentation, in a worker) follow its seed only."""
+    cfg = video_cfg(frame_videos, **{"data.aug_policy": "advanced", "data.num_workers": 1})
+    loader = build_video_loaders(scan_videos(cfg.data, seed=0), cfg, (0.5,) * 3, (0.25,) * 3, settings=SETTINGS)["train"]
+
+    def epoch(seed: int) -> list[torch.Tensor]:
+        reseed_epoch(loader, seed)
+        return [torch.cat([x.hq.flatten(), x.lq.flatten()]) for x, _, _ in loader]
+
+    first, again, other = epoch(7), epoch(7), epoch(8)
+    assert len(first) == 2 and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
 
 
 @pytest.mark.slow

@@ -89,6 +89,15 @@ def seed_worker(worker_id: int) -> None:
         seed_transform(info.dataset.transform, seed)
 
 
+def reseed_epoch(loader: DataLoader, epoch_seed: int) -> None:
+    """Restart a loader's random streams (order, sampler, workers, augmentation) from epoch_seed: an epoch
+    sees the same batches whether or not the run was stopped and resumed before it (image and clip data)."""
+    for gen in {getattr(loader, "generator", None), getattr(loader.sampler, "generator", None)} - {None}:
+        gen.manual_seed(epoch_seed)
+    if getattr(loader.dataset, "transform", None) is not None:
+        seed_transform(loader.dataset.transform, epoch_seed)
+
+
 def balanced_sampler(samples: Sequence[Sample], generator: torch.Generator) -> WeightedRandomSampler:
     """Draw classes equally often (with replacement), len(samples) draws per epoch."""
     labels = torch.tensor([s.label for s in samples])

@@ -167,7 +167,7 @@ class Trainer:
     # ------------------------------------------------------------------ epoch
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         from training.freezing import set_train_mode
-        from augmentation.policies import seed_transform
+        from training.loaders import reseed_epoch
         from training.losses import mix_batch
 
         cfg, accum = self.cfg, self.cfg.optim.gradient_accumulation
@@ -176,10 +176,7 @@ class Trainer:
         epoch_seed = cfg.train.seed * 1000 + epoch
         seed_everything(epoch_seed)
         loader = self.loaders["train"]
-        for gen in {getattr(loader, "generator", None), getattr(loader.sampler, "generator", None)} - {None}:
-            gen.manual_seed(epoch_seed)
-        if getattr(loader.dataset, "transform", None) is not None:
-            seed_transform(loader.dataset.transform, epoch_seed)
+        reseed_epoch(loader, epoch_seed)
         self.model.train()
         set_train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
