@@ -46,6 +46,9 @@ PRUNER_OPTIONS = {
     "hyperband": {"min_resource", "max_resource", "reduction_factor", "bootstrap_count"},
     "none": set(),
 }
+# Every trial runs with AMP unless the file or --set says otherwise (fp16 + GradScaler on CUDA, bf16 on CPU);
+# a space may sweep it like any other key.
+SWEEP_DEFAULTS: dict[str, Any] = {"train.use_amp": True}
 STUDY_KEYS = {"name", "direction", "metric", "sampler", "seed", "pruner", "n_trials", "timeout"}
 PARAM_KEYS = {"categorical": {"choices"}, "int": {"low", "high", "step", "log"}, "float": {"low", "high", "step", "log"}}
 # Keys that change what training.data.scan returns: a space over them disables the per-worker scan reuse.
@@ -343,10 +346,12 @@ def _flat_base(raw: Any, path: Path) -> dict[str, Any]:
 
 
 def _build_base(raw: dict[str, Any], path: Path, study: StudySettings, cli: dict[str, Any], swept: set[str]) -> Config:
-    """default.yaml <- config preset <- base <- --set, with train.monitor/monitor_mode from the study."""
+    """default.yaml <- SWEEP_DEFAULTS <- config preset <- base <- --set; train.monitor/monitor_mode from the study."""
     data: dict[str, Any] = {}
     merge_file(data, DEFAULT_CONFIG)
-    sources = ["experiments/configs/default.yaml"]
+    for key, value in SWEEP_DEFAULTS.items():  # where a sweep differs from one run; preset, base, --set win
+        set_dotted(data, key, value, "sweep defaults")
+    sources = ["experiments/configs/default.yaml + sweep defaults"]
     if raw.get("config"):
         preset = _find_preset(str(raw["config"]), path)
         merge_file(data, preset)

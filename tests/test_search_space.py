@@ -55,6 +55,18 @@ def test_default_sweep_covers_the_issue_choices() -> None:
     assert keys["aug.mixup_alpha"].when == (("aug.use_mixup", (True,)),)
     assert keys["train.unfreeze_epoch"].when == (("train.freeze_strategy", ("progressive",)),)
     assert spec.base.model.model_type == "efficientnet_lite0" and spec.base.data.image_size == 64
+    assert spec.base.train.use_amp and "train.use_amp" not in keys  # AMP on by default, not swept
+
+
+def test_amp_is_on_in_sweeps_unless_the_file_turns_it_off(tmp_path: Path) -> None:
+    assert load_sweep(write(tmp_path, base_doc())).base.train.use_amp
+    doc = base_doc()
+    doc["base"]["train"] = {"use_amp": False}
+    assert not load_sweep(write(tmp_path, doc)).base.train.use_amp
+    doc = base_doc()
+    doc["space"]["train.use_amp"] = {"type": "categorical", "choices": [True, False]}
+    spec = load_sweep(write(tmp_path, doc))
+    assert {spec.trial_config({"train.use_amp": v}).train.use_amp for v in (True, False)} == {True, False}
 
 
 def test_conditional_params_follow_their_parent(tmp_path: Path) -> None:
