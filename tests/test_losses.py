@@ -61,6 +61,19 @@ def test_focal_matches_closed_form(alpha: float, gamma: float) -> None:
     torch.testing.assert_close(_loss("focal", focal_alpha=alpha, focal_gamma=gamma)(Z[:, None], Y), ref)
 
 
+@pytest.mark.parametrize("gamma", [0.5, 0.645, 2.0])
+def test_focal_matches_torchvision_and_keeps_finite_gradients_when_logits_saturate(gamma: float) -> None:
+    from torchvision.ops import sigmoid_focal_loss
+
+    y = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.3, 0.8])  # soft targets (mixup) included
+    z = torch.tensor([2.0, -1.5, -0.7, 3.0, 0.4, -2.2], requires_grad=True)
+    ours = _loss("focal", focal_alpha=0.7, focal_gamma=gamma)(z[:, None], y)
+    torch.testing.assert_close(ours, sigmoid_focal_loss(z, y, alpha=0.7, gamma=gamma, reduction="mean"))
+    saturated = torch.tensor([40.0, -40.0, 17.5, -25.0], requires_grad=True)  # confidently right
+    _loss("focal", focal_alpha=0.7, focal_gamma=gamma)(saturated[:, None], torch.tensor([1.0, 0.0, 1.0, 0.0])).backward()
+    assert torch.isfinite(saturated.grad).all()  # torchvision's gradient is NaN here for gamma < 1
+
+
 def test_focal_negative_alpha_disables_class_weighting() -> None:
     p = torch.sigmoid(Z)
     p_t = torch.where(Y == 1, p, 1 - p)

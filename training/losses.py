@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup
 from torch import Tensor, nn
-from torchvision.ops import sigmoid_focal_loss
 
 from training.config import AugConfig, ConfigError, LossConfig
 from training.registry import Registry
@@ -82,18 +81,30 @@ class LabelSmoothingBCELoss(BCELoss):
 
 
 class FocalLoss(BinaryLoss):
-    """torchvision's sigmoid focal loss (mean); alpha < 0 turns the class weighting off."""
+    """Sigmoid focal loss (mean), torchvision's formula; alpha < 0 turns the class weighting off.
+
+    (1 - p_t) ** gamma is computed as exp(gamma * log(1 - p_t)) with log(1 - p_t) from log-sigmoids:
+    torchvision.ops.sigmoid_focal_loss returns NaN gradients for gamma < 1 once a logit saturates
+    (|z| > ~17 in float32, where 1 - p_t == 0 and the slope of x ** gamma is infinite), which a sweep
+    over focal_gamma reaches at high learning rates. Soft targets (mixup) work as in torchvision.
+    """
 
     def __init__(self, alpha: float = 0.25, gamma: float = 2.0) -> None:
         super().__init__()
-        self.alpha = -1.0 if alpha < 0 else float(alpha)  # torchvision accepts only [0, 1] or -1
+        self.alpha = -1.0 if alpha < 0 else float(alpha)
         self.gamma = float(gamma)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
         z = _single_logit(logits, "focal")
-        return sigmoid_focal_loss(
-            z, _check_targets(targets, len(z)), alpha=self.alpha, gamma=self.gamma, reduction="mean"
-        )
+        y = _check_targets(targets, len(z))
+        loss = F.binary_cross_entropy_with_logits(z, y, reduction="none")
+        if self.gamma:
+            # 1 - p_t = y * sigmoid(-z) + (1 - y) * sigmoid(z), in log space (log 0 = -inf drops a term)
+            log_1m_pt = torch.logaddexp(torch.log(y) + F.logsigmoid(-z), torch.log1p(-y) + F.logsigmoid(z))
+            loss = loss * torch.exp(self.gamma * log_1m_pt)
+        if self.alpha >= 0:
+            loss = (self.alpha * y + (1 - self.alpha) * (1 - y)) * loss
+        return loss.mean()
 
 
 class SoftTargetCELoss(BinaryLoss):
