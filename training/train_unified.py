@@ -72,7 +72,8 @@ SWITCHES: dict[str, tuple[str, object]] = {  # store_true flag -> (config key, v
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML preset under experiments/configs (keys as in default.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any key, e.g. optim.lr=3e-4")
+    p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override any key, e.g. --set optim.lr=3e-4 data.image_size=128 (repeatable)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet weights")
     p.add_argument("--no_tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("-v", "--verbose", action="store_true")
