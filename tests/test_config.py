@@ -46,6 +46,11 @@ def test_seed_flags_override_yaml_and_set() -> None:
     assert cfg.data.aug_policy == "advanced" and cfg.model.pretrained is False
 
 
+def test_set_takes_several_pairs_per_flag_and_repeats() -> None:
+    args = build_parser().parse_args(["--set", "optim.lr=3e-4", "data.image_size=96", "--set", "loss.loss_type=focal"])
+    assert parse_set(args.set) == {"optim.lr": 3e-4, "data.image_size": 96, "loss.loss_type": "focal"}
+
+
 @pytest.mark.parametrize("overrides, needle", [
     ({"optim.lrr": 1}, "optim.lrr"),
     ({"optim.lr": -1}, "optim.lr"),
