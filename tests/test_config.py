@@ -48,7 +48,8 @@ def test_seed_flags_override_yaml_and_set() -> None:
 
 def test_set_takes_several_pairs_per_flag_and_repeats() -> None:
     args = build_parser().parse_args(["--set", "optim.lr=3e-4", "data.image_size=96", "--set", "loss.loss_type=focal"])
-    assert parse_set(args.set) == {"optim.lr": 3e-4, "data.image_size": 96, "loss.loss_type": "focal"}
+    cfg = load_config(overrides=parse_set(args.set))
+    assert (cfg.optim.lr, cfg.data.image_size, cfg.loss.loss_type) == (3e-4, 96, "focal")
 
 
 @pytest.mark.parametrize("overrides, needle", [
