@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import yaml
+    from experiments.search_space import load_sweep
 
-    pruner = a.pruner or _named_pruner(yaml.safe_load(Path(a.sweep).read_text()))
+    pruner = a.pruner or load_sweep(a.sweep).study.pruner
     if pruner == "none":
         raise SystemExit(f"{a.sweep} has no pruner; pass --pruner median|percentile|hyperband")
     sets, study_sets = parse_set(a.sets), parse_set(a.study_sets)
@@ -140,11 +140,6 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
-
-
-def _named_pruner(doc: dict) -> str:
-    pruner = (doc.get("study") or {}).get("pruner", "median")
-    return pruner.get("type", "median") if isinstance(pruner, dict) else str(pruner)
 
 
 if __name__ == "__main__":
