@@ -42,7 +42,7 @@ test-fast: $(STAMP) ## run the tests not marked slow
 	$(PY) -m pytest -q -m "not slow"
 
 demo-data: $(STAMP) ## generate the synthetic demo face set under data/demo
-	$(PY) -m training.demo_data
+	$(PY) -m dataio.demo_data
 
 demo: $(STAMP) ## a short training run on the demo data, tracked in MLflow
 	$(PY) training/train_unified.py --config experiments/configs/demo.yaml
@@ -69,12 +69,12 @@ crosseval: $(STAMP) ## AUC matrix RUNS="<id> <id>" x DATASETS="<dir> <dir>" [TTA
 	$(PY) -m evaluation.crosseval --runs $(RUNS) --datasets $(DATASETS) $(if $(TTA),--tta $(TTA)) $(if $(MAX),--max_images $(MAX))
 
 ensemble: $(STAMP) ## ensemble of the best runs: STUDY=name | EXPERIMENT=name | RUNS="id id"; TOP=5 METRIC=val_auc METHOD=weighted
-	$(PY) -m evaluation.ensemble $(if $(STUDY),--study $(STUDY),$(if $(RUNS),--runs $(RUNS),--experiment $(EXPERIMENT))) \
+	$(PY) -m serving.ensemble $(if $(STUDY),--study $(STUDY),$(if $(RUNS),--runs $(RUNS),--experiment $(EXPERIMENT))) \
 	  --top $(TOP) --metric $(METRIC) --method $(METHOD)
 
 promote: $(STAMP) ## register RUN=<run_id> as challenger; champion moves unless worse beyond MARGIN (FORCE=1 overrides)
 	@test -n "$(RUN)" || { echo "usage: make promote RUN=<run_id> [MARGIN=0.0] [FORCE=1]"; exit 2; }
-	$(PY) -m evaluation.promote --run $(RUN) --margin $(MARGIN) $(if $(FORCE),--force)
+	$(PY) -m serving.promote --run $(RUN) --margin $(MARGIN) $(if $(FORCE),--force)
 
 serve: $(STAMP) ## serve models:/deepfake-detector@champion on 127.0.0.1:$(SERVE_PORT) in the background
 	@mkdir -p mlruns

@@ -17,7 +17,7 @@ import numpy as np
 from albumentations.core.composition import BaseCompose
 from albumentations.pytorch import ToTensorV2
 
-from training.registry import Registry
+from core.registry import Registry
 
 TransformList = list[A.BasicTransform | BaseCompose]
 POLICIES: Registry[TransformList] = Registry("augmentation policy")

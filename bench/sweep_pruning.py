@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.sweep import run_sweep  # noqa: E402
-from training.config import parse_set  # noqa: E402
+from core.config import parse_set  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,9 +26,9 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 import torch  # noqa: E402
 
 from models import create_detector  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.data import scan  # noqa: E402
-from training.loaders import build_loaders  # noqa: E402
+from core.config import load_config  # noqa: E402
+from dataio.data import scan  # noqa: E402
+from dataio.loaders import build_loaders  # noqa: E402
 from training.trainer import default_data_cfg, train  # noqa: E402
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from evaluation.metrics import MetricError
-from training.registry import Registry
+from core.registry import Registry
 
 log = logging.getLogger(__name__)
 

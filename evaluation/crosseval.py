@@ -84,7 +84,7 @@ def cell_metrics(table: pd.DataFrame) -> dict[str, float]:
 def crosseval(sources: list[Source], datasets: list[str], opts: EvalOptions, out_dir: str | Path, *,
               device: str = "auto", use_amp: bool = False, in_domain_split: str = "test") -> CrossEvalResult:
     """Score every source on every dataset; write the long table, the AUC matrix and the heatmap page."""
-    from training.data import DataError
+    from dataio.data import DataError
     from training.eval_only import load_trained_model
 
     out_dir = Path(out_dir)
@@ -152,8 +152,8 @@ def log_crosseval(result: CrossEvalResult, opts: EvalOptions, experiment_name: s
     """An MLflow run named `crosseval`: one metric per cell (auc_<run>__<data>, ap_...), the files as artifacts."""
     import mlflow
 
-    from training.config import TrackingConfig
-    from training.tracking import configure_mlflow
+    from core.config import TrackingConfig
+    from core.tracking import configure_mlflow
 
     first = next((s for s in result.sources if s.run is not None), None)
     exp_id = (first.run.info.experiment_id if first is not None else

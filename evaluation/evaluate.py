@@ -166,7 +166,7 @@ def check_supported(trained, opts: EvalOptions) -> None:
 def validation_table(source: Source, trained, opts: EvalOptions, tmp: Path) -> tuple[pd.DataFrame | None, str]:
     """(val predictions for thresholds/temperature, where they came from). They are re-scored with the
     evaluation's TTA/MC settings when those differ from training's and the images are readable here."""
-    from training.data import Sample
+    from dataio.data import Sample
 
     path = run_file(source, trained, "predictions/val.parquet", tmp)
     if path is None:
@@ -257,8 +257,8 @@ def log_evaluation(outcome: EvalOutcome, opts: EvalOptions, experiment_name: str
     source run when it is in this store (tag mlflow.parentRunId), else top-level in `experiment_name`."""
     import mlflow
 
-    from training.config import TrackingConfig
-    from training.tracking import configure_mlflow, log_dataset_input
+    from core.config import TrackingConfig
+    from core.tracking import configure_mlflow, log_dataset_input
 
     source = outcome.source
     tags = {"run_kind": "evaluation", "eval_only": "true", "source_run_id": str(source.run_id),
@@ -315,8 +315,8 @@ def setup_cli(a: argparse.Namespace) -> str:
     """Logging, quiet third-party loggers, tracking URI; returns the URI."""
     import mlflow
 
-    from training.config import TrackingConfig
-    from training.tracking import resolve_tracking_uri
+    from core.config import TrackingConfig
+    from core.tracking import resolve_tracking_uri
 
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,6 +1,6 @@
 """Everything a run reports about its predictions, computed from prediction tables and written
 to one folder (metrics.json, calibration.json, thresholds.csv, dashboard.html, errors.html,
-optional png/). No MLflow here: training/tracking.py logs `EvalReport.metrics` and the folder.
+optional png/). No MLflow here: core/tracking.py logs `EvalReport.metrics` and the folder.
 
 Protocol: thresholds and the temperature are fitted on validation and applied unchanged to test.
 Without a test table the "evaluated" split is validation itself (in-sample thresholds).

@@ -139,7 +139,7 @@ def score_robustness(trained, samples: list, *, tta: Any = False,
     """robustness_table for a training.eval_only.TrainedModel on (a stratified cap of) `samples`, scored
     like the evaluation (same TTA, no MC-dropout). `clean`: that evaluation's predictions, reused when
     no cap applies."""
-    from training.data import cap_split
+    from dataio.data import cap_split
     from training.eval_only import score_samples
 
     if max_images and len(samples) > max_images:

@@ -1,7 +1,7 @@
 """Test-time augmentation on normalized image batches: which views, and how their predictions are averaged.
 
     spec = parse_tta("flip,crop,scale", space="logit")   # 16 views: (identity, 5 crops, 2 zooms) x (as is, flipped)
-    preds = training.inference.predict(model, loader, device, tta=spec)
+    preds = evaluation.inference.predict(model, loader, device, tta=spec)
 
 Every view maps a batch (B, 3, S, S) to a batch of the same shape, so fixed-size models (ViT, Swin) work
 too. Views are applied on the device after the eval transform (resize + normalize):

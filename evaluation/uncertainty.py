@@ -1,6 +1,6 @@
 """MC-dropout uncertainty: N stochastic passes with only the dropout layers in train mode.
 
-`training.inference.predict(..., mc_dropout=N, seed=s)` runs the passes (inside `mc_dropout_mode`, with
+`evaluation.inference.predict(..., mc_dropout=N, seed=s)` runs the passes (inside `mc_dropout_mode`, with
 the RNG forked and seeded so a given seed gives the same result) and writes per-sample mean P(fake)
 (`score`) and its standard deviation over the passes (`score_std`). BatchNorm and every other layer
 stay in eval mode. When all active dropout sits in a Detector's head, the backbone runs once per view

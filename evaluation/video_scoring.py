@@ -31,10 +31,10 @@ from torch.utils.data import DataLoader
 from evaluation.aggregation import AGGREGATORS, aggregate_groups
 from evaluation.metrics import MetricError, binary_metrics
 from models.video import DualStreamDetector
-from training.data import _CLASS_RE, _LABEL_WORDS, Sample
-from training.loaders import ImageDataset, collate_drop_none
-from training.inference import predict, resolve_device
-from training.video_data import (
+from dataio.data import _CLASS_RE, _LABEL_WORDS, Sample
+from dataio.loaders import ImageDataset, collate_drop_none
+from evaluation.inference import predict, resolve_device
+from dataio.video_data import (
     VideoClipDataset, VideoSettings, collate_clips, find_videos, frame_samples, list_frames, read_pairs,
 )
 
@@ -48,8 +48,8 @@ REPORTED = ("auc", "ap", "eer", "accuracy", "precision", "recall", "f1", "log_lo
 def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode on CPU, its training Config) rebuilt from a checkpoint; no weights download."""
     from models.video import create_dual_stream
-    from training.checkpoints import load_checkpoint
-    from training.config import Config
+    from core.checkpoints import load_checkpoint
+    from core.config import Config
 
     ckpt = load_checkpoint(checkpoint)
     if "config" not in ckpt:

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from training.config import (
+from core.config import (
     DEFAULT_CONFIG,
     REPO_ROOT,
     Config,
@@ -51,7 +51,7 @@ PRUNER_OPTIONS = {
 SWEEP_DEFAULTS: dict[str, Any] = {"train.use_amp": True}
 STUDY_KEYS = {"name", "direction", "metric", "sampler", "seed", "pruner", "n_trials", "timeout"}
 PARAM_KEYS = {"categorical": {"choices"}, "int": {"low", "high", "step", "log"}, "float": {"low", "high", "step", "log"}}
-# Keys that change what training.data.scan returns: a space over them disables the per-worker scan reuse.
+# Keys that change what dataio.data.scan returns: a space over them disables the per-worker scan reuse.
 SCAN_KEYS = {"data.data_dir", "data.split", "data.group_by", "data.max_samples_per_split"}
 
 

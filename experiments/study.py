@@ -15,7 +15,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from experiments.search_space import SweepSpec
-from training.config import REPO_ROOT, ConfigError
+from core.config import REPO_ROOT, ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from experiments import sweep_report as report
 from experiments.search_space import SweepSpec, load_sweep
 from experiments.study import Heartbeat, best_trial, default_storage, make_storage, open_study, study_figures
-from training.config import ConfigError
+from core.config import ConfigError
 
 log = logging.getLogger(__name__)
 TrainFn = Callable[..., Any]
@@ -285,7 +285,7 @@ def _scan(spec: SweepSpec) -> Any:
     if spec.touches_scan:
         log.info("event=sweep_scan_per_trial reason=space_sweeps_data_keys")
         return None
-    from training.data import scan
+    from dataio.data import scan
 
     t0 = time.time()
     index = scan(spec.base.data, spec.base.train.seed)
@@ -323,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from training.config import parse_set
-    from training.data import DataError
+    from core.config import parse_set
+    from dataio.data import DataError
 
     try:
         result = run_sweep(a.sweep, n_trials=a.n_trials, timeout=a.timeout, study_name=a.study_name, storage=a.storage,
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nstudy {result.study_name} ({result.storage}): {result.n_trials_run} trials run now; top {len(result.top)}:")
     print(report.format_table(result.top))
     if result.experiment_id:
-        from training.tracking import ui_link
+        from core.tracking import ui_link
 
         print(f"\nOpen the runs: make ui  ->  {ui_link(result.experiment_id)}")
     print("Study dashboard: make dashboard  ->  http://127.0.0.1:8080")

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from training.config import Config, TrackingConfig
+from core.config import Config, TrackingConfig
 
 log = logging.getLogger(__name__)
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
@@ -35,7 +35,7 @@ def configure(tcfg: TrackingConfig) -> str | None:
     """Tracking URI + experiment as training does it; None when tracking is disabled."""
     if not tcfg.enabled:
         return None
-    from training.tracking import configure_mlflow
+    from core.tracking import configure_mlflow
 
     return configure_mlflow(tcfg)
 
@@ -45,7 +45,7 @@ def start_parent(study_name: str, storage: str, sweep_file: str | Path, params: 
     """Open the parent run `sweep-<study>` (nested under a caller's active run if there is one)."""
     import mlflow
 
-    from training.tracking import git_commit
+    from core.tracking import git_commit
 
     tags = {"study_name": study_name, "sweep_storage": safe_url(storage), "sweep_file": str(sweep_file),
             "git_commit": git_commit(), "sweep_role": "parent", **extra_tags}

@@ -11,7 +11,7 @@ from timm.layers import SEModule
 from timm.layers.cbam import CbamModule  # not re-exported by timm.layers
 from torch import Tensor, nn
 
-from training.registry import Registry
+from core.registry import Registry
 
 Layout = Literal["NCHW", "NHWC", "tokens"]
 ATTENTION: Registry[nn.Module] = Registry("attention")

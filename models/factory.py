@@ -28,8 +28,8 @@ from models.pretrained import (
     PretrainedUnavailable, check_timm_has_weights, hub_errors, load_backbone_weights, offline_state_dict,
     offline_weights_file, read_state_dict,
 )
-from training.config import ModelConfig
-from training.registry import UnknownNameError
+from core.config import ModelConfig
+from core.registry import UnknownNameError
 
 log = logging.getLogger(__name__)
 

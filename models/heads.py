@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.config import ModelConfig
-from training.registry import Registry
+from core.config import ModelConfig
+from core.registry import Registry
 
 HEADS: Registry[nn.Module] = Registry("head")
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Optional
 
-from training.registry import Registry
+from core.registry import Registry
 
 Source = Literal["timm", "torchvision"]
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from training.registry import Registry
+from core.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from preprocessing.faces import Border, FaceDetector, crop_face, pick_face
-from training.data import _CLASS_RE, IMAGE_EXTENSIONS  # the class-folder spelling and photo types of training data
+from dataio.data import _CLASS_RE, IMAGE_EXTENSIONS  # the class-folder spelling and photo types of training data
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class ExtractSummary:
 
 # ------------------------------------------------------------------------------ sources and frames
 def find_sources(src: Path) -> list[SourceItem]:
-    """Videos and photos under src/{real,fake}/** (class folders as in training.data), or src itself."""
+    """Videos and photos under src/{real,fake}/** (class folders as in dataio.data), or src itself."""
     src = Path(src)
     if src.is_file():
         kind = "video" if src.suffix.lower() in VIDEO_EXTENSIONS else "image"

@@ -9,7 +9,7 @@ import torch
 
 from augmentation.blending import blend, resample, self_blend, soft_mask
 from augmentation.policies import POLICIES, build_transform, parse_policy, seed_transform
-from training.registry import UnknownNameError
+from core.registry import UnknownNameError
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 ALL_POLICIES = POLICIES.names() + ["randaugment:3:20"]

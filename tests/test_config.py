@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from training.config import REPO_ROOT, ConfigError, load_config, parse_set
+from core.config import REPO_ROOT, ConfigError, load_config, parse_set
 from training.train_unified import FLAGS, SWITCHES, build_parser, overrides_from_args
 
 CONFIGS = sorted((REPO_ROOT / "experiments" / "configs").rglob("*.yaml"))

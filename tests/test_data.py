@@ -1,4 +1,4 @@
-"""Data layouts, splits, odd and corrupt images, errors (training/data.py); loaders (training/loaders.py)."""
+"""Data layouts, splits, odd and corrupt images, errors (dataio/data.py); loaders (dataio/loaders.py)."""
 from __future__ import annotations
 
 import logging
@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training.config import Config, DataConfig
-from training.data import DataError, DataIndex, Sample, cap_split, pos_weight, scan, split_samples
-from training.loaders import ImageDataset, build_loaders, collate_drop_none, load_rgb
+from core.config import Config, DataConfig
+from dataio.data import DataError, DataIndex, Sample, cap_split, pos_weight, scan, split_samples
+from dataio.loaders import ImageDataset, build_loaders, collate_drop_none, load_rgb
 from augmentation.policies import build_transform
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -334,7 +334,7 @@ def test_balanced_sampler_draws_classes_equally(tmp_path: Path) -> None:
 
 
 def test_demo_data_is_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import training.demo_data as demo
+    import dataio.demo_data as demo
 
     made = demo.ensure_demo_data(tmp_path / "demo", n_per_class=20, size=32)
     monkeypatch.setattr(demo, "ensure_demo_data", lambda: made)

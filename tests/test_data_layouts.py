@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from training.config import load_config
-from training.data import DataError, scan
-from training.loaders import build_loaders
+from core.config import load_config
+from dataio.data import DataError, scan
+from dataio.loaders import build_loaders
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 

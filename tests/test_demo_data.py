@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import training.demo_data as demo
-from training.config import DataConfig
-from training.data import scan
-from training.loaders import load_rgb
+import dataio.demo_data as demo
+from core.config import DataConfig
+from dataio.data import scan
+from dataio.loaders import load_rgb
 
 
 def _hashes(root: Path) -> dict[str, str]:

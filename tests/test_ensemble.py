@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from evaluation.calibration import sigmoid
-from evaluation.ensemble import (
+from serving.ensemble import (
     METHOD_RULES, EnsembleError, candidate_runs, ensemble_predictions, fit_weights, log_loss_of, main,
     select_members,
 )
-from evaluation.pyfunc_model import log_image_model, member_from_checkpoint, save_member
-from training.config import load_config
-from training.demo_data import ensure_demo_data
+from serving.pyfunc_model import log_image_model, member_from_checkpoint, save_member
+from core.config import load_config
+from dataio.demo_data import ensure_demo_data
 
 
 def tables(n: int, seed: int, prefix: str = "img") -> list[pd.DataFrame]:
@@ -153,8 +153,8 @@ def reference_probs(checkpoint: Path, paths: list[str]) -> np.ndarray:
     """P(fake) of one member computed independently: rebuild, eval transform, sigmoid."""
     from augmentation.policies import build_transform
     from models import create_detector
-    from training.config import Config
-    from training.loaders import load_rgb
+    from core.config import Config
+    from dataio.loaders import load_rgb
 
     ckpt = torch.load(checkpoint, weights_only=True)
     cfg = Config.model_validate(ckpt["config"])
@@ -189,7 +189,7 @@ def test_ensemble_pyfunc_equals_weighted_member_scores(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_ensemble_cli_on_trained_runs_logs_run_and_model(tmp_path: Path) -> None:
-    """Two tiny trained runs -> `python -m evaluation.ensemble` -> ensemble run whose model reproduces it."""
+    """Two tiny trained runs -> `python -m serving.ensemble` -> ensemble run whose model reproduces it."""
     from training.trainer import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -215,7 +215,7 @@ def test_ensemble_cli_on_trained_runs_logs_run_and_model(tmp_path: Path) -> None
     model = mlflow.pyfunc.load_model(run.data.tags["image_model_uri"])
     out = model.predict(test[["path"]])
     np.testing.assert_allclose(out["fake_prob"].to_numpy(), test["score"].to_numpy(), atol=1e-5)
-    from evaluation.promote import promote
+    from serving.promote import promote
 
     promoted = promote(run.info.run_id, n_boot=100)  # the ensemble's own image model is registered
     version = mlflow.MlflowClient().get_model_version("deepfake-detector", promoted.version)
@@ -225,7 +225,7 @@ def test_ensemble_cli_on_trained_runs_logs_run_and_model(tmp_path: Path) -> None
 
 def test_a_runs_model_uses_the_temperature_the_run_fitted(tmp_path: Path) -> None:
     """Predictions from a run apply its validation temperature; an explicit one (ensembles) wins."""
-    from evaluation.pyfunc_model import member_from_run
+    from serving.pyfunc_model import member_from_run
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
     ckpt = tiny_member(tmp_path, seed=0, image_size=32).rename(tmp_path / "best.pt")

@@ -123,7 +123,7 @@ def test_cross_dataset_matrix_on_two_tiny_datasets(tmp_path: Path, shared_data: 
 @pytest.mark.slow
 def test_evaluate_a_real_training_run_and_its_in_domain_test_split(tmp_path: Path, shared_data: Path) -> None:
     """train() -> evaluate --run (local run_dir) on another data set; crosseval scores the own data's test split."""
-    from training.config import load_config
+    from core.config import load_config
     from training.trainer import train
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

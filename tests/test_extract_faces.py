@@ -179,7 +179,7 @@ def test_scoring_a_raw_video_extracts_first(video_src: Path, tmp_path: Path) -> 
 
     from evaluation.video_scoring import main as score_main
     from models import create_detector
-    from training.config import load_config
+    from core.config import load_config
 
     cfg = load_config(overrides={"model.model_type": "test_efficientnet", "model.pretrained": False,
                                  "data.image_size": 32})

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from models import Detector, create_detector
-from training.config import ModelConfig
+from core.config import ModelConfig
 from training.freezing import FREEZE, ParamSummary, apply_freeze, backbone_groups, parse_strategy, set_train_mode
-from training.registry import UnknownNameError
+from core.registry import UnknownNameError
 
 
 def build(model_type: str = "test_efficientnet", num_outputs: int = 1, **kw: object) -> Detector:

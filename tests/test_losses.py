@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.config import AugConfig, ConfigError, LossConfig
+from core.config import AugConfig, ConfigError, LossConfig
 from training.losses import (
     LOSSES,
     build_mixup,
@@ -18,7 +18,7 @@ from training.losses import (
     scores_from_logits,
     soft_binary_targets,
 )
-from training.registry import UnknownNameError
+from core.registry import UnknownNameError
 
 Z = torch.tensor([2.0, -1.0, 0.5, -3.0, 0.0, 1.5])  # one logit per image
 Y = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])  # 1 = fake

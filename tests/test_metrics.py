@@ -15,7 +15,7 @@ from evaluation import metrics as M
 from evaluation.aggregation import AGGREGATORS, aggregate_groups
 from evaluation.metrics import MetricError, binary_metrics, bootstrap_ci
 from evaluation.thresholds import apply_thresholds, choose_thresholds, threshold_sweep
-from training.registry import UnknownNameError
+from core.registry import UnknownNameError
 
 # Fixed arrays with ties across classes (0.4, 0.7) and inside a class (0.9).
 LABELS = np.array([0, 0, 0, 0, 1, 0, 1, 1, 1, 0, 1, 1])

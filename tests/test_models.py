@@ -13,8 +13,8 @@ from models.attention import FeatureMapAttention, create_attention
 from models.factory import TorchvisionMobileNetV2
 from models.heads import HEADS, ArcFaceHead, LinearHead, MLPHead, create_head
 from models.presets import get_preset
-from training.config import ModelConfig
-from training.registry import UnknownNameError
+from core.config import ModelConfig
+from core.registry import UnknownNameError
 
 SIZE = 64
 # Every preset at 64 px takes about 6 CPU-seconds in all (swin_base and efficientnet_b7 ~1 s each), so none

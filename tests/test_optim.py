@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.config import OptimConfig
+from core.config import OptimConfig
 from training.optim import (
     OPTIMIZERS,
     SCHEDULERS,
@@ -17,7 +17,7 @@ from training.optim import (
     build_scheduler,
     updates_per_epoch,
 )
-from training.registry import UnknownNameError
+from core.registry import UnknownNameError
 
 BB_LR, CLS_LR, MIN_LR = 1e-4, 1e-3, 1e-6
 
@@ -135,7 +135,7 @@ def test_params_outside_or_twice_in_parameter_groups_raise() -> None:
 
 def test_real_detector_groups() -> None:
     factory = pytest.importorskip("models.factory")
-    from training.config import ModelConfig
+    from core.config import ModelConfig
 
     det = factory.create_detector(ModelConfig(model_type="test_efficientnet", pretrained=False), num_outputs=1)
     opt = build_optimizer(det, _cfg())

@@ -14,7 +14,7 @@ from timm.data import ImageNetInfo, create_transform
 import models.factory as factory
 from models import Detector, PretrainedUnavailable, create_detector
 from models.pretrained import PretrainedFileError, offline_state_dict, offline_weights_file, read_state_dict
-from training.config import ModelConfig
+from core.config import ModelConfig
 
 HINT = "pass --pretrained_path FILE or --no-pretrained"
 

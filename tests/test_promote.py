@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from evaluation.calibration import sigmoid
-from evaluation.promote import CHALLENGER, CHAMPION, PromotionError, main, paired_difference, promote
+from serving.promote import CHALLENGER, CHAMPION, PromotionError, main, paired_difference, promote
 from test_ensemble import demo_images, tiny_member
 
 NAME = "deepfake-detector"

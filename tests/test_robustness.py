@@ -15,9 +15,9 @@ from evaluation.robustness import (
     robustness_metrics, score_robustness,
 )
 from models import create_detector
-from training.checkpoints import atomic_save
-from training.config import load_config
-from training.loaders import load_rgb
+from core.checkpoints import atomic_save
+from core.config import load_config
+from dataio.loaders import load_rgb
 from evaluation.metrics import binary_metrics
 from training.eval_only import load_trained_model, score_dataset, score_samples
 

@@ -8,7 +8,7 @@ import yaml
 from optuna.trial import FixedTrial
 
 from experiments.search_space import load_sweep
-from training.config import ConfigError
+from core.config import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SWEEPS = sorted((REPO_ROOT / "experiments" / "sweeps").glob("*.yaml"))

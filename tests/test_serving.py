@@ -18,9 +18,9 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from evaluation.predict import label_from_path
-from evaluation.predict import main as predict_main
-from evaluation.pyfunc_model import ImageEnsembleModel, log_image_model, member_from_checkpoint
+from serving.predict import label_from_path
+from serving.predict import main as predict_main
+from serving.pyfunc_model import ImageEnsembleModel, log_image_model, member_from_checkpoint
 from test_ensemble import demo_images, tiny_member
 
 NAME = "deepfake-detector"
@@ -32,7 +32,7 @@ def model(tmp_path: Path) -> ImageEnsembleModel:
 
 
 def test_arrays_score_like_files_and_bad_requests_name_the_path(model: ImageEnsembleModel, tmp_path: Path) -> None:
-    from training.loaders import load_rgb
+    from dataio.loaders import load_rgb
 
     paths = demo_images(1)
     by_path = model.predict(None, pd.DataFrame({"path": paths}))

@@ -13,8 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
-from training.checkpoints import load_checkpoint
-from training.config import REPO_ROOT, load_config
+from core.checkpoints import load_checkpoint
+from core.config import REPO_ROOT, load_config
 from training.trainer import NonFiniteLossError, train
 
 TINY = {

@@ -1,4 +1,4 @@
-"""TTA views and averaging, MC-dropout passes (training.inference.predict with evaluation.tta / uncertainty)."""
+"""TTA views and averaging, MC-dropout passes (evaluation.inference.predict with evaluation.tta / uncertainty)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,9 +8,9 @@ import torch
 from evaluation import uncertainty
 from evaluation.tta import FLIP, NO_TTA, View, average_views, logits_from_prob, parse_tta
 from models import create_detector
-from training.config import load_config
-from training.data import Sample
-from training.inference import predict, predictions_table
+from core.config import load_config
+from dataio.data import Sample
+from evaluation.inference import predict, predictions_table
 
 CPU = torch.device("cpu")
 

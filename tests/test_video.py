@@ -16,15 +16,15 @@ from evaluation.video_scoring import load_model, main as score_main, score_video
 from models.video import (
     FUSIONS, ConvLSTM, ConvLSTMCell, DualStreamDetector, SequenceBatch, create_dual_stream,
 )
-from training.config import load_config
-from training.data import DataError
+from core.config import load_config
+from dataio.data import DataError
 from training.freezing import apply_freeze
-from training.inference import predict, predictions_table, to_device
-from training.loaders import reseed_epoch
+from evaluation.inference import predict, predictions_table, to_device
+from dataio.loaders import reseed_epoch
 from training.losses import create_loss
 from training.optim import build_optimizer
-from training.registry import UnknownNameError
-from training.video_data import (
+from core.registry import UnknownNameError
+from dataio.video_data import (
     VideoClipDataset, VideoSettings, build_video_loaders, check_disjoint, clip_indices, degrade_lq,
     expand_to_frames, scan_videos, write_pairs,
 )
@@ -212,7 +212,7 @@ def test_clip_dataset_streams_and_consistent_augmentation(frame_videos: Path, tm
     img = cv2.imread(str(next((frame_videos / "real" / "vid0").glob("*.jpg"))))
     for t in range(6):
         cv2.imwrite(str(still / f"{t:06d}.jpg"), img)
-    from training.data import Sample
+    from dataio.data import Sample
 
     ds = VideoClipDataset([Sample(str(still), 0)], SETTINGS, 64, (0.5,) * 3, (0.25,) * 3, train=True,
                           aug_policy="advanced", seed=1)
@@ -310,8 +310,8 @@ def test_frame_model_scores_per_video(frame_videos: Path, tmp_path: Path) -> Non
     assert score_main(["--checkpoint", str(ckpt), "--data-dir", str(frame_videos), "--output-dir",
                        str(tmp_path / "cli"), "--rule", "median", "--device", "cpu"]) == 0
     assert len(pd.read_csv(tmp_path / "cli" / "predictions.csv")) == 12
-    # the seed guide's command: python -m evaluation.predict --checkpoint X --test-pairs pairs.csv --output-dir results
-    from evaluation.predict import main as predict_main
+    # the seed guide's command: python -m serving.predict --checkpoint X --test-pairs pairs.csv --output-dir results
+    from serving.predict import main as predict_main
 
     pairs = tmp_path / "training_pairs.csv"
     pairs.write_text("video_path,label\n" + "".join(f"{v.path},{v.label}\n" for v in videos))

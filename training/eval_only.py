@@ -19,9 +19,9 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-from training.checkpoints import load_checkpoint
-from training.config import Config
-from training.inference import Predictions, autocast_factory, predict, predictions_table, resolve_device
+from core.checkpoints import load_checkpoint
+from core.config import Config
+from evaluation.inference import Predictions, autocast_factory, predict, predictions_table, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def load_trained_model(ref: str | Path, device: str = "auto", use_amp: bool = Fa
     elif fallback_config is not None:
         trained = fallback_config
     else:
-        from training.checkpoints import CheckpointError
+        from core.checkpoints import CheckpointError
 
         raise CheckpointError(f"{ckpt['path']} stores no config; use a checkpoint written by train(cfg) (best.pt)")
     model = build_model(trained.with_overrides({"model.pretrained_path": None}, "checkpoint"), pretrained=False)
@@ -69,7 +69,7 @@ def load_trained_model(ref: str | Path, device: str = "auto", use_amp: bool = Fa
 
 def select_samples(index, split: str = "all", max_images: int | None = None, seed: int = 0) -> list:
     """Samples of one split of a scanned DataIndex ("all" = train + val + test), capped stratified and seeded."""
-    from training.data import cap_split
+    from dataio.data import cap_split
 
     if split not in SPLIT_CHOICES:
         raise ValueError(f"split must be one of {SPLIT_CHOICES}; got {split!r}")
@@ -90,8 +90,8 @@ def eval_loader(trained: TrainedModel, samples: list, *, batch_size: int = 64, n
                 wrap_transform: Callable[[Any], Any] | None = None):
     """A loader over `samples` with the model's eval transform (the training code's test loader);
     `wrap_transform(transform)` may replace the per-image transform (e.g. a perturbation before it)."""
-    from training.data import DataIndex
-    from training.loaders import build_loaders
+    from dataio.data import DataIndex
+    from dataio.loaders import build_loaders
 
     cfg = trained.config.with_overrides({"data.batch_size": batch_size, "data.num_workers": num_workers}, "evaluation")
     index = DataIndex(train=[], val=[], test=list(samples))
@@ -99,7 +99,7 @@ def eval_loader(trained: TrainedModel, samples: list, *, batch_size: int = 64, n
     if trained.config.model.is_video:
         if wrap_transform is not None:
             raise ValueError("image perturbations (robustness) are not supported for the video model")
-        from training.video_data import build_video_loaders as build  # noqa: F811
+        from dataio.video_data import build_video_loaders as build  # noqa: F811
     else:
         build = build_loaders
     loader = build(index, cfg, dc["mean"], dc["std"], device_type=trained.device.type)["test"]
@@ -112,7 +112,7 @@ def score_samples(trained: TrainedModel, samples: list, *, batch_size: int = 64,
                   tta: Any = False, mc_dropout: int = 0, seed: int = 0,
                   wrap_transform: Callable[[Any], Any] | None = None,
                   desc: str = "eval") -> tuple[Predictions, pd.DataFrame]:
-    """Score samples (TTA / MC-dropout as in training.inference.predict): (Predictions, predictions table)."""
+    """Score samples (TTA / MC-dropout as in evaluation.inference.predict): (Predictions, predictions table)."""
     if not samples:
         raise ValueError(f"{desc}: no samples to score")
     loader = eval_loader(trained, samples, batch_size=batch_size, num_workers=num_workers,
@@ -143,8 +143,8 @@ def score_dataset(trained: TrainedModel, data_dir: str | Path, *, split: str = "
                   tta: Any = False, mc_dropout: int = 0, seed: int = 0, batch_size: int = 64,
                   num_workers: int = 2) -> ScoredData:
     """Scan `data_dir` as the trained config would, pick the split (capped), and score it. Missing data or
-    an empty split raise training.data.DataError (a one-line user error)."""
-    from training.data import DataError, data_digest
+    an empty split raise dataio.data.DataError (a one-line user error)."""
+    from dataio.data import DataError, data_digest
 
     if not Path(data_dir).expanduser().exists():
         raise DataError(f"data dir not found: {data_dir}")
@@ -160,9 +160,9 @@ def score_dataset(trained: TrainedModel, data_dir: str | Path, *, split: str = "
 
 def evaluate_checkpoint(cfg: Config, index=None):
     """Evaluate cfg.train.checkpoint on cfg.data (all splits together); returns a TrainResult."""
-    from training.data import DataIndex
+    from dataio.data import DataIndex
     from training.run_io import run_report, start_tags
-    from training.tracking import RunTracker
+    from core.tracking import RunTracker
     from training.trainer import TrainResult, default_data_cfg, scan_data, split_metrics
 
     trained = load_trained_model(cfg.train.checkpoint, cfg.train.device, cfg.train.use_amp, fallback_config=cfg)

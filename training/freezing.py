@@ -17,7 +17,7 @@ from typing import Iterable, Optional
 from timm.models import group_parameters
 from torch import nn
 
-from training.registry import Registry
+from core.registry import Registry
 
 log = logging.getLogger(__name__)
 

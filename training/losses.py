@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from timm.data import Mixup
 from torch import Tensor, nn
 
-from training.config import AugConfig, ConfigError, LossConfig
-from training.registry import Registry
+from core.config import AugConfig, ConfigError, LossConfig
+from core.registry import Registry
 
 log = logging.getLogger(__name__)
 

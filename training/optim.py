@@ -16,8 +16,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
-from training.config import OptimConfig
-from training.registry import Registry
+from core.config import OptimConfig
+from core.registry import Registry
 
 log = logging.getLogger(__name__)
 

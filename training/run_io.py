@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from training.checkpoints import load_checkpoint
-from training.config import Config
+from core.checkpoints import load_checkpoint
+from core.config import Config
 
 if TYPE_CHECKING:
     from training.trainer import Trainer, TrainResult
-    from training.tracking import RunTracker
+    from core.tracking import RunTracker
 
 log = logging.getLogger(__name__)
 

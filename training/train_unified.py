@@ -101,7 +101,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.config import load_config, parse_set
+    from core.config import load_config, parse_set
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def is_user_error(e: Exception) -> bool:
     """Bad input (config, data, checkpoint, names, offline weights) rather than a bug."""
-    from training.checkpoints import CheckpointError
-    from training.config import ConfigError
-    from training.registry import UnknownNameError
+    from core.checkpoints import CheckpointError
+    from core.config import ConfigError
+    from core.registry import UnknownNameError
 
     names = {"DataError", "PretrainedUnavailable", "MetricError"}
     return isinstance(e, (ConfigError, CheckpointError, UnknownNameError)) or type(e).__name__ in names or any(
@@ -137,7 +137,7 @@ def is_user_error(e: Exception) -> bool:
 
 
 def report(result, cfg) -> None:
-    from training.tracking import ui_link
+    from core.tracking import ui_link
 
     lines = [f"status={result.status} run_id={result.run_id} epochs={result.epochs_run} "
              f"best_epoch={result.best_epoch} best_{cfg.train.monitor}={result.best_metric:.4f}"]

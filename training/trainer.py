@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from training.checkpoints import atomic_save, load_checkpoint, model_state
-from training.config import Config, save_config
-from training.inference import Predictions, autocast_factory, predict, predictions_table, resolve_device, to_device
+from core.checkpoints import atomic_save, load_checkpoint, model_state
+from core.config import Config, save_config
+from evaluation.inference import Predictions, autocast_factory, predict, predictions_table, resolve_device, to_device
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ class Trainer:
     """Holds the objects one run needs; `fit()` runs the loop. Built by `train(cfg)`."""
 
     def __init__(self, cfg: Config, index, run_dir: Path) -> None:
-        from training.data import pos_weight
-        from training.loaders import build_loaders
+        from dataio.data import pos_weight
+        from dataio.loaders import build_loaders
         from training.losses import build_mixup, create_loss
         from training.optim import build_optimizer, build_scheduler, updates_per_epoch
 
@@ -115,7 +115,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.optim)
         dc = self.model.data_config
         if cfg.model.is_video:
-            from training.video_data import build_video_loaders as build_loaders  # noqa: F811
+            from dataio.video_data import build_video_loaders as build_loaders  # noqa: F811
         self.loaders = build_loaders(index, cfg, dc["mean"], dc["std"], device_type=self.device.type)
         self.batches_per_epoch = len(self.loaders["train"])
         if t.max_steps_per_epoch:
@@ -167,7 +167,7 @@ class Trainer:
     # ------------------------------------------------------------------ epoch
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         from training.freezing import set_train_mode
-        from training.loaders import reseed_epoch
+        from dataio.loaders import reseed_epoch
         from training.losses import mix_batch
 
         cfg, accum = self.cfg, self.cfg.optim.gradient_accumulation
@@ -288,10 +288,10 @@ def scan_data(cfg: Config):
     """Scan the configured data once: image folders/CSV, or videos (folders of frames) for dual_stream."""
     data_cfg = default_data_cfg(cfg)
     if cfg.model.is_video:
-        from training.video_data import scan_videos
+        from dataio.video_data import scan_videos
 
         return scan_videos(data_cfg, cfg.train.seed)
-    from training.data import scan
+    from dataio.data import scan
 
     return scan(data_cfg, cfg.train.seed)
 
@@ -300,7 +300,7 @@ def default_data_cfg(cfg: Config):
     """data.data_dir, or the generated demo set when none is given."""
     if cfg.data.data_dir:
         return cfg.data
-    from training.demo_data import ensure_demo_data
+    from dataio.demo_data import ensure_demo_data
 
     return cfg.data.model_copy(update={"data_dir": str(ensure_demo_data())})
 
@@ -320,7 +320,7 @@ def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, f
     data_cfg = default_data_cfg(cfg)
     if index is None:
         index = scan_data(cfg)
-    from training.tracking import RunTracker
+    from core.tracking import RunTracker
 
     with sigterm_as_interrupt(), RunTracker(cfg, resume_run_id=(resume or {}).get("run_id")) as tracker:
         run_dir = Path(resume["path"]).parent if resume else Path(cfg.train.output_dir) / (tracker.run_id or time.strftime("run-%Y%m%d-%H%M%S"))

@@ -29,12 +29,12 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from evaluation.calibration import sigmoid
-from training.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
 
 COMBINE_RULES = ("prob", "logit", "vote", "rank")  # weighted P(fake) | weighted logit | votes | ECDF ranks
-CODE_PACKAGES = ("models", "training", "augmentation", "evaluation")
+CODE_PACKAGES = ("core", "augmentation", "preprocessing", "dataio", "models", "evaluation", "training", "serving")
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 SPEC_FILE = "ensemble.json"
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "albumentations", "opencv-python-headless", "pillow",
@@ -143,7 +143,7 @@ def images_from_input(model_input: Any) -> tuple[list[str] | None, list[np.ndarr
 
 def load_image(path: str, size_hint: int | None = None) -> np.ndarray:
     """uint8 RGB (H,W,3) decoded as training does; a missing or undecodable file is a request error."""
-    from training.loaders import load_rgb
+    from dataio.loaders import load_rgb
 
     if not Path(path).is_file():
         raise bad_input(f"image not found: {path}")
@@ -160,8 +160,8 @@ class _Member:
     def __init__(self, checkpoint_file: str, device: torch.device) -> None:
         from augmentation.policies import build_transform
         from models import create_detector
-        from training.config import Config
-        from training.loaders import decode_size
+        from core.config import Config
+        from dataio.loaders import decode_size
 
         ckpt = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
         if not isinstance(ckpt, dict) or "config" not in ckpt:
@@ -181,7 +181,7 @@ class _Member:
     def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
         x = torch.stack([self.transform(image=im)["image"] for im in images]).to(self.device)
         out = self.net(x).float()
-        if self.tta:  # as training.inference.predict: mean of original and flipped logits
+        if self.tta:  # as evaluation.inference.predict: mean of original and flipped logits
             out = (out + self.net(torch.flip(x, dims=[3])).float()) / 2
         z = out[:, 0] if out.shape[1] == 1 else out[:, 1] - out[:, 0]
         return z.cpu().numpy().astype(np.float64)
@@ -207,7 +207,7 @@ class ImageEnsembleModel(mlflow.pyfunc.PythonModel):
     @classmethod
     def from_members(cls, members: Sequence[MemberSpec], weights: Sequence[float] | None = None,
                      rule: str = "prob", device: str = "auto") -> "ImageEnsembleModel":
-        """An in-process model (no MLflow logging), e.g. for `evaluation.predict --run/--checkpoint`."""
+        """An in-process model (no MLflow logging), e.g. for `serving.predict --run/--checkpoint`."""
         spec = make_spec(members, weights, rule)
         return cls().setup(spec, [m.checkpoint for m in members], device)
 
@@ -263,14 +263,14 @@ def make_spec(members: Sequence[MemberSpec], weights: Sequence[float] | None, ru
 
 def save_member(state_dict: dict[str, torch.Tensor], config: dict[str, Any], path: str | Path) -> Path:
     """Write a member checkpoint: weights + the Config dict that rebuilds the network (atomic)."""
-    from training.checkpoints import atomic_save
+    from core.checkpoints import atomic_save
 
     return atomic_save({"model": state_dict, "config": config}, path)
 
 
 def member_from_checkpoint(ref: str | Path, *, name: str | None = None, **calibration: Any) -> MemberSpec:
     """A member from a checkpoint file, run folder or runs:/RUN_ID/path (downloaded when remote)."""
-    from training.checkpoints import resolve_checkpoint_path
+    from core.checkpoints import resolve_checkpoint_path
 
     path = resolve_checkpoint_path(ref)
     return MemberSpec(name=name or Path(path).stem, checkpoint=str(path), **calibration)
@@ -281,7 +281,7 @@ def member_from_run(run_id: str, **calibration: Any) -> MemberSpec:
 
     Unless given, the temperature is the one the run fitted on its validation set (metric `temperature`,
     logged by its evaluation), so predictions from a run are calibrated as its report says."""
-    from training.checkpoints import CheckpointError
+    from core.checkpoints import CheckpointError
 
     if "temperature" not in calibration:
         calibration["temperature"] = float(mlflow.get_run(run_id).data.metrics.get("temperature", 1.0))
@@ -319,7 +319,7 @@ def log_image_model(members: Sequence[MemberSpec], weights: Sequence[float] | No
                     *, rule: str = "prob", example_path: str | None = None, tags: dict[str, str] | None = None
                     ) -> "mlflow.models.model.ModelInfo":
     """Log the members as one pyfunc model into the active run; tags the run `image_model_uri`."""
-    from training.checkpoints import load_checkpoint
+    from core.checkpoints import load_checkpoint
 
     if mlflow.active_run() is None:
         raise RuntimeError("log_image_model needs an active MLflow run")

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from evaluation.tta import TTASpec, as_spec, average_views
-from training.config import ConfigError
+from core.config import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

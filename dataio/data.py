@@ -1,4 +1,4 @@
-"""Find the images and split them (training.loaders decodes, augments and batches them).
+"""Find the images and split them (dataio.loaders decodes, augments and batches them).
 
 Layouts (`data.data_dir`):
   (a) DIR/{train,val,test}/{real,fake}/**   (val may be missing: carved out of train; test optional)
@@ -24,7 +24,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from training.config import DataConfig
+from core.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def _scan_csv(path: Path) -> tuple[list[Sample], list[str | None]]:
 def scan(data_cfg: DataConfig, seed: int) -> DataIndex:
     """Find, check and split the images of `data_cfg.data_dir` (None: the demo set)."""
     if data_cfg.data_dir is None:
-        from training.demo_data import ensure_demo_data
+        from dataio.demo_data import ensure_demo_data
 
         root = ensure_demo_data()
     else:

@@ -1,10 +1,10 @@
 """Ensembles of finished runs, built from their logged val/test predictions (no re-inference).
 
-    python -m evaluation.ensemble --study NAME | --experiment NAME | --runs ID [ID ...] \
+    python -m serving.ensemble --study NAME | --experiment NAME | --runs ID [ID ...] \
         --top 5 --metric val_auc --method weighted [--calibrate]
 
 Members are the top-K finished runs by a metric; their predictions/{val,test}.parquet are joined on
-`path` (identical images and labels required). Methods (rule of evaluation.pyfunc_model.combine_scores):
+`path` (identical images and labels required). Methods (rule of serving.pyfunc_model.combine_scores):
 mean = average logit; soft = average P(fake); weighted = P(fake) weighted by non-negative weights
 summing to 1 that minimise validation log loss; rank = average rank against each member's validation
 scores; hard = share of members voting fake at their validation EER threshold. `--calibrate` first
@@ -32,7 +32,7 @@ from scipy.optimize import minimize
 
 from evaluation.calibration import fit_temperature, logits_from_scores, sigmoid
 from evaluation.metrics import MetricError, binary_metrics, bootstrap_ci
-from evaluation.pyfunc_model import combine_scores, reduce_reference
+from serving.pyfunc_model import combine_scores, reduce_reference
 
 log = logging.getLogger(__name__)
 
@@ -302,8 +302,8 @@ def log_ensemble_run(result: EnsembleResult, members: Sequence[MemberRun], selec
 
 def _log_members_model(result: EnsembleResult, run_ids: Sequence[str]) -> str | None:
     """The member networks as one image pyfunc (name image_model); skipped when a checkpoint is missing."""
-    from evaluation.pyfunc_model import log_image_model, member_from_run
-    from training.checkpoints import CheckpointError
+    from serving.pyfunc_model import log_image_model, member_from_run
+    from core.checkpoints import CheckpointError
 
     try:
         specs = [member_from_run(rid, temperature=float(t), threshold=float(th), reference=ref)
@@ -334,7 +334,7 @@ def run_ensemble(*, experiment: str | None = None, study: str | None = None, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation.ensemble", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serving.ensemble", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--experiment", help="MLflow experiment name: its finished runs")
     src.add_argument("--study", help="Optuna study name: its trial runs (tag study_name)")
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     a = p.parse_args(argv)
-    from training.tracking import setup_cli
+    from core.tracking import setup_cli
 
     setup_cli(a.tracking_uri)
     try:

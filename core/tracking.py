@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.config import REPO_ROOT, Config, TrackingConfig
+from core.config import REPO_ROOT, Config, TrackingConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_STORE = REPO_ROOT / "mlruns"

@@ -1,6 +1,6 @@
 """Register a run's image model and gate the `champion` alias on its test predictions.
 
-    python -m evaluation.promote --run RUN_ID [--name deepfake-detector] [--margin 0.0] [--force]
+    python -m serving.promote --run RUN_ID [--name deepfake-detector] [--margin 0.0] [--force]
 
 The run (single or ensemble) gets its image pyfunc registered (logged into the run as `image_model`
 first when it only has the tensor model), alias `challenger`. It then replaces `champion` only if its
@@ -57,7 +57,7 @@ class PromotionResult:
 
 def test_predictions(run_id: str) -> pd.DataFrame:
     """The run's predictions/test.parquet (path, label, score, ...)."""
-    from evaluation.ensemble import read_predictions
+    from serving.ensemble import read_predictions
 
     with tempfile.TemporaryDirectory(prefix="promote-") as tmp:
         df = read_predictions(run_id, "test", tmp)
@@ -69,8 +69,8 @@ def test_predictions(run_id: str) -> pd.DataFrame:
 
 def ensure_image_model(run, example_path: str | None) -> str:
     """The run's image pyfunc URI (tag image_model_uri); logs one from its checkpoint when missing."""
-    from evaluation.pyfunc_model import log_image_model, member_from_run
-    from training.checkpoints import CheckpointError
+    from serving.pyfunc_model import log_image_model, member_from_run
+    from core.checkpoints import CheckpointError
 
     uri = run.data.tags.get("image_model_uri")
     if uri:
@@ -130,7 +130,7 @@ def _version_for(client: MlflowClient, name: str, run, model_uri: str, metrics: 
         mv = mlflow.register_model(model_uri, name)
         if not (client.get_registered_model(name).description or ""):
             client.update_registered_model(name, description="Deepfake detector: image paths or arrays -> P(fake). "
-                                           "Aliases champion/challenger are moved by evaluation.promote.")
+                                           "Aliases champion/challenger are moved by serving.promote.")
     tags = run.data.tags
     kind = "ensemble" if tags.get("run_kind") == "ensemble" else "single"
     digest = tags.get("data_digest", "unknown")
@@ -224,7 +224,7 @@ def _tag_gate(client: MlflowClient, r: PromotionResult, margin: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation.promote", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serving.promote", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, metavar="RUN_ID", help="training or ensemble run to promote")
     p.add_argument("--name", default=DEFAULT_NAME, help=f"registered model name (default {DEFAULT_NAME})")
     p.add_argument("--margin", type=float, default=0.0, help="allowed drop of test AUC vs the champion")
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="move champion even if the gate refuses")
     p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     a = p.parse_args(argv)
-    from training.tracking import setup_cli
+    from core.tracking import setup_cli
 
     setup_cli(a.tracking_uri)
     try:

@@ -30,11 +30,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from augmentation.policies import POLICIES, parse_policy, seed_transform
 from models.video import SequenceBatch
-from training.data import (  # the same class-folder, label and split spellings as image data
+from dataio.data import (  # the same class-folder, label and split spellings as image data
     _CLASS_RE, _LABEL_WORDS as _LABELS, _SPLIT_ALIASES, IMAGE_EXTENSIONS, SPLITS, DataError, DataIndex, Sample,
     cap_split, csv_label_split, data_digest, split_samples,
 )
-from training.loaders import load_rgb, loaders_by_split
+from dataio.loaders import load_rgb, loaders_by_split
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ def collate_clips(batch: list, length: int, size: int, lq_size: int) -> tuple[Se
 
 def build_video_loaders(index: DataIndex, cfg: Any, mean: Sequence[float], std: Sequence[float], *,
                         device_type: str = "cpu", settings: VideoSettings | None = None) -> dict[str, DataLoader]:
-    """Loaders "train", "val", "test" (if non-empty) over clips; the same contract as training.loaders.build_loaders."""
+    """Loaders "train", "val", "test" (if non-empty) over clips; the same contract as dataio.loaders.build_loaders."""
     d = cfg.data
     settings = settings or VideoSettings.from_config(cfg)
     collate = partial(collate_clips, length=settings.sequence_length, size=d.image_size,

@@ -1,4 +1,4 @@
-"""Decode, augment and batch the samples that training.data.scan found: datasets and DataLoaders.
+"""Decode, augment and batch the samples that dataio.data.scan found: datasets and DataLoaders.
 
 Every loader is seeded (order, balanced sampler, workers, augmentation) so a run restarted from a
 checkpoint sees the same batches; the trainer reseeds the train loader's streams at each epoch.
@@ -16,8 +16,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from augmentation.policies import build_transform, seed_transform
-from training.config import Config
-from training.data import SPLITS, DataIndex, Sample
+from core.config import Config
+from dataio.data import SPLITS, DataIndex, Sample
 
 log = logging.getLogger(__name__)
 

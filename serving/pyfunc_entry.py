@@ -1,6 +1,6 @@
 """Models-from-code entry of the image pyfunc: MLflow runs this file when logging and loading the model."""
 import mlflow
 
-from evaluation.pyfunc_model import ImageEnsembleModel
+from serving.pyfunc_model import ImageEnsembleModel
 
 mlflow.models.set_model(ImageEnsembleModel())

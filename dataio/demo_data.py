@@ -7,7 +7,7 @@ the target, partly colour-corrected, resampled and blended through a blurred sof
 SBI-style self-blending (augmentation.blending). Both classes get the same post-processing, so only
 the blending artefacts tell them apart.
 
-    python -m training.demo_data [--out DIR]    # generate (once) and print the folder
+    python -m dataio.demo_data [--out DIR]    # generate (once) and print the folder
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 
 from augmentation.blending import blend, resample, self_blend, soft_mask
-from training.config import REPO_ROOT
+from core.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
 

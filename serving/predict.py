@@ -1,8 +1,8 @@
 """Score images with a registered model, a run or a checkpoint; write predictions.csv (+ metrics.json).
 
-    python -m evaluation.predict --model models:/deepfake-detector@champion --input photos/ --out preds.csv
-    python -m evaluation.predict --run RUN_ID --input list.txt --out preds.csv
-    python -m evaluation.predict --checkpoint outputs/<run>/best.pt --input a.jpg b.png --out preds.csv
+    python -m serving.predict --model models:/deepfake-detector@champion --input photos/ --out preds.csv
+    python -m serving.predict --run RUN_ID --input list.txt --out preds.csv
+    python -m serving.predict --checkpoint outputs/<run>/best.pt --input a.jpg b.png --out preds.csv
 
 --input: folders (searched recursively), image files, or .txt/.csv lists (a `path` column or one path a
 line; relative paths are relative to the list). A label is known when the image sits under a folder
@@ -53,7 +53,7 @@ def _read_list(path: Path) -> list[str]:
 
 def collect_images(inputs: Sequence[str | Path]) -> list[str]:
     """Image files from folders (recursive, sorted), files and .txt/.csv lists; order kept, duplicates dropped."""
-    from training.data import IMAGE_EXTENSIONS
+    from dataio.data import IMAGE_EXTENSIONS
 
     out: list[str] = []
     for item in map(Path, inputs):
@@ -75,7 +75,7 @@ def load_scorer(model: str | None = None, run: str | None = None, checkpoint: st
     """An object with .predict(DataFrame path) -> DataFrame path, fake_prob, from exactly one reference."""
     import mlflow
 
-    from evaluation.pyfunc_model import ImageEnsembleModel, member_from_checkpoint, member_from_run
+    from serving.pyfunc_model import ImageEnsembleModel, member_from_checkpoint, member_from_run
 
     if sum(x is not None for x in (model, run, checkpoint)) != 1:
         raise PredictError("give exactly one of --model, --run or --checkpoint")
@@ -111,7 +111,7 @@ class _InProcess:
 def score_images(scorer, paths: Sequence[str], batch_size: int = 32, threshold: float = 0.5
                  ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """(predictions path, fake_prob, prediction[, label]; skipped (path, reason)) for readable images."""
-    from training.data import check_image
+    from dataio.data import check_image
 
     reasons = [check_image(p) for p in paths]
     skipped = [(p, r) for p, r in zip(paths, reasons) if r is not None]
@@ -155,7 +155,7 @@ def predict_videos(argv: list[str]) -> int:
 
     if "--model" not in argv:
         return video_scoring.main([VIDEO_FLAGS.get(a, a) for a in argv])
-    p = argparse.ArgumentParser(prog="python -m evaluation.predict")
+    p = argparse.ArgumentParser(prog="python -m serving.predict")
     p.add_argument("--model", required=True)
     p.add_argument("--video", required=True, help="with --model: one raw video file (faces are extracted first)")
     p.add_argument("--output-dir", default="results")
@@ -164,8 +164,8 @@ def predict_videos(argv: list[str]) -> int:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--tracking-uri")
     a = p.parse_args(argv)
-    from training.tracking import setup_cli
-    from training.video_data import list_frames
+    from core.tracking import setup_cli
+    from dataio.video_data import list_frames
 
     setup_cli(a.tracking_uri)
     try:
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if any(arg.split("=")[0] in VIDEO_FLAGS for arg in argv):
         return predict_videos(argv)
-    p = argparse.ArgumentParser(prog="python -m evaluation.predict", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serving.predict", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="pyfunc URI, e.g. models:/deepfake-detector@champion or runs:/ID/image_model")
     src.add_argument("--run", help="run id: its image model, else its best checkpoint")
@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which an image is fake")
     p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     a = p.parse_args(argv)
-    from training.checkpoints import CheckpointError
-    from training.tracking import setup_cli
+    from core.checkpoints import CheckpointError
+    from core.tracking import setup_cli
 
     setup_cli(a.tracking_uri)
     try:

@@ -1,0 +1,1 @@
+"""Data: image index and splits, loaders, video clips, the demo set."""

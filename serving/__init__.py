@@ -1,0 +1,1 @@
+"""Serving: ensembles, the registry and promotion, the pyfunc model, batch prediction."""
