@@ -37,6 +37,10 @@ class DataConfig(_Section):
     balance: Literal["none", "pos_weight", "sampler"] = "none"
     aug_policy: str = "basic"
     center_crop: Optional[float] = Field(None, gt=0, le=1)  # keep this central fraction first (uncropped photos)
+    face_crop: Literal["none", "mtcnn"] = "none"  # mtcnn: one cached MTCNN face crop per image (preprocessing.face_cache)
+    face_margin: float = Field(0.3, ge=0, le=2)  # face crop square side = (1 + margin) * face box side
+    face_size: int = Field(256, ge=16, le=1024)  # face crops are stored at this size, then resized to image_size
+    face_cache: Optional[str] = None  # None -> $DFSWEEP_FACE_CACHE or ~/.cache/dfsweep/faces
     max_samples_per_split: Optional[int] = Field(None, ge=1)  # debug/CI: cap each split, stratified
     # video (model_type dual_stream): clips of sequence_length frames, every frame_skip-th frame
     sequence_length: int = Field(10, ge=1)
@@ -190,6 +194,11 @@ class Config(_Section):
             raise ValueError("model.head=arcface is a 2-class margin head; set loss.loss_type=ce")
         if self.model.is_video and self.aug.use_mixup:
             raise ValueError("model.model_type=dual_stream trains on clips; mixup is for images: turn aug.use_mixup off")
+        if self.data.face_crop != "none" and self.data.center_crop is not None:
+            raise ValueError("data.face_crop and data.center_crop both crop; set data.center_crop=null with face_crop")
+        if self.data.face_crop != "none" and self.model.is_video:
+            raise ValueError("data.face_crop is for photos; dual_stream reads face crops from "
+                             "preprocessing.extract_faces: set data.face_crop=none")
         if self.train.eval_only and not self.train.checkpoint:
             raise ValueError("train.eval_only needs train.checkpoint (--checkpoint FILE or runs:/RUN_ID/path)")
         return self

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import replace
 from functools import partial
 from typing import Callable, Sequence
 
@@ -16,7 +17,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from augmentation.policies import build_transform, seed_transform
-from core.config import Config
+from core.config import Config, DataConfig
 from dataio.data import SPLITS, DataIndex, Sample
 
 log = logging.getLogger(__name__)
@@ -133,14 +134,37 @@ def loaders_by_split(index: DataIndex, cfg: Config, dataset_fn: Callable[[list[S
     return loaders
 
 
+def face_crop_table(samples: Sequence[Sample], data_cfg: DataConfig):
+    """The cached MTCNN crop table (preprocessing.face_cache) of these samples, or None with face_crop=none."""
+    if data_cfg.face_crop == "none":
+        return None
+    from preprocessing.face_cache import FaceCropSettings, face_crops
+
+    settings = FaceCropSettings(margin=data_cfg.face_margin, size=data_cfg.face_size)
+    return face_crops([s.path for s in samples], settings, data_cfg.face_cache)
+
+
+def model_input_samples(samples: Sequence[Sample], data_cfg: DataConfig) -> list[Sample]:
+    """The samples as the model reads them: each path replaced by its face crop when face_crop is on."""
+    table = face_crop_table(samples, data_cfg)
+    if table is None:
+        return list(samples)
+    crop = table["crop_path"].to_dict()
+    return [replace(s, path=crop[s.path]) for s in samples]
+
+
 def build_loaders(index: DataIndex, cfg: Config, mean: Sequence[float], std: Sequence[float], *,
                   device_type: str = "cpu") -> dict[str, DataLoader]:
-    """DataLoaders "train", "val" and "test" (if non-empty); batches are (images, labels, indices)."""
+    """DataLoaders "train", "val" and "test" (if non-empty); batches are (images, labels, indices).
+    With data.face_crop the datasets read the cached face crops (indices still point into the index)."""
     d = cfg.data
+    every = [s for name in SPLITS for s in index.split(name)]
+    crop = dict(zip((s.path for s in every), (s.path for s in model_input_samples(every, d))))
 
     def dataset(samples: list[Sample], train: bool, seed: int) -> ImageDataset:
         transform = build_transform(d.aug_policy if train else "none", d.image_size, mean, std, train, seed=seed,
                                     center_crop=d.center_crop)
-        return ImageDataset(samples, transform, decode_size(d.image_size, d.center_crop))
+        return ImageDataset([replace(s, path=crop[s.path]) for s in samples], transform,
+                            decode_size(d.image_size, d.center_crop))
 
     return loaders_by_split(index, cfg, dataset, partial(collate_drop_none, image_size=d.image_size), device_type)

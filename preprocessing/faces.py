@@ -29,6 +29,15 @@ def outside_fraction(box: Sequence[float], width: int, height: int) -> float:
     return float(min(max(1.0 - inside / area, 0.0), 1.0))
 
 
+def shifted_square(box: Sequence[float], margin: float, width: int, height: int) -> tuple[int, int, int]:
+    """(x1, y1, side) of the margin square moved inside a width x height frame; a square bigger than the
+    frame shrinks to the frame's shorter side. The crop frame[y1:y1+side, x1:x1+side] is always inside."""
+    sq = square_box(box, margin)
+    side = max(1, min(int(round(sq[2] - sq[0])), width, height))
+    x1, y1 = int(round(sq[0])), int(round(sq[1]))
+    return min(max(x1, 0), width - side), min(max(y1, 0), height - side), side
+
+
 def crop_face(frame: np.ndarray, box: Sequence[float], margin: float = 0.3, size: int = 224,
               border: Border = "shift") -> tuple[np.ndarray, float]:
     """(size x size crop, fraction of the margin box outside the frame). Never pads with a constant."""
@@ -38,8 +47,7 @@ def crop_face(frame: np.ndarray, box: Sequence[float], margin: float = 0.3, size
     side = int(round(sq[2] - sq[0]))
     x1, y1 = int(round(sq[0])), int(round(sq[1]))
     if border == "shift":
-        side = max(1, min(side, w, h))  # a box bigger than the frame shrinks to fit
-        x1, y1 = min(max(x1, 0), w - side), min(max(y1, 0), h - side)
+        x1, y1, side = shifted_square(box, margin, w, h)
         crop = frame[y1:y1 + side, x1:x1 + side]
     elif border == "reflect":
         side = max(side, 1)
@@ -88,16 +96,23 @@ class FaceDetector:
         self.detect_max_side = detect_max_side
 
     def detect(self, frames: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(b, p) for b, p, _ in self.detect_landmarks(frames)]
+
+    def detect_landmarks(self, frames: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per frame: boxes (k, 4), scores (k,), landmarks (k, 5, 2) in frame pixels (MTCNN's order: the
+        eye at smaller x, the other eye, nose tip, mouth corner at smaller x, the other mouth corner)."""
         h, w = frames.shape[1:3]
         scale = min(1.0, self.detect_max_side / max(h, w)) if self.detect_max_side else 1.0
         if scale < 1.0:
             size = (max(1, round(w * scale)), max(1, round(h * scale)))
             frames = np.stack([cv2.resize(f, size, interpolation=cv2.INTER_AREA) for f in frames])
-        boxes, probs = self.mtcnn.detect(np.ascontiguousarray(frames))
+        boxes, probs, points = self.mtcnn.detect(np.ascontiguousarray(frames), landmarks=True)
         out = []
-        for b, p in zip(boxes, probs):
+        for b, p, pt in zip(boxes, probs, points):
             if b is None:
-                out.append((np.zeros((0, 4)), np.zeros(0)))
+                out.append((np.zeros((0, 4)), np.zeros(0), np.zeros((0, 5, 2))))
             else:
-                out.append((np.asarray(b, dtype=np.float64).reshape(-1, 4) / scale, np.asarray(p, dtype=np.float64).reshape(-1)))
+                out.append((np.asarray(b, dtype=np.float64).reshape(-1, 4) / scale,
+                            np.asarray(p, dtype=np.float64).reshape(-1),
+                            np.asarray(pt, dtype=np.float64).reshape(-1, 5, 2) / scale))
         return out

@@ -1,0 +1,195 @@
+"""One face crop for every data set (`data.face_crop: mtcnn`): MTCNN runs once per image, results are cached.
+
+    table = face_crops(paths, FaceCropSettings(margin=0.3, size=256))   # DataFrame indexed by path
+
+Each image gets the largest face MTCNN finds (probability >= min_score); its box grown by `margin` into a
+square is shifted inside the image (a square bigger than the image shrinks to the image's shorter side:
+never padding, so no black border for a model to learn) and resized to `size` x `size`. The crop is a
+lossless PNG (no second JPEG compression on top of the data set's own). An image with no face is kept:
+its crop is a centred square whose side is the median face-square/short-side ratio of the faces found in
+the same call (the whole short side when none was found), marked `fallback` and named in a warning.
+
+Cache (default ~/.cache/dfsweep/faces, or $DFSWEEP_FACE_CACHE, or data.face_cache):
+    <root>/<settings key>/<file key>.png    the crop
+    <root>/<settings key>/<file key>.json   its record (written last: a crop without one is redone)
+    <root>/<settings key>/index-<set key>.parquet   the whole table of one path list (fast path)
+The file key is sha1(absolute path, size, mtime_ns): an edited or replaced image is detected again; the
+settings key covers margin, size, min_score and detect_max_side. Writes are atomic (temp + rename), so
+concurrent sweep workers at worst detect the same image twice.
+
+The table (the contract dataio.loaders, self-blending and the error gallery rely on), one row per path:
+    path (index)      the original image, as given
+    crop_path         the PNG crop, size x size RGB
+    width, height     the original image's size in pixels
+    x1, y1, x2, y2    the crop square in the original image's pixels (0 <= x1 < x2 <= width; x2 - x1 == y2 - y1)
+    det_score         MTCNN probability of the face kept (NaN for a fallback)
+    fallback          True when no face was found (centred crop; landmarks NaN)
+    lm0_x, lm0_y, ... lm4_x, lm4_y   MTCNN's 5 landmarks in CROP pixels (0..size), in MTCNN's order: eye at
+                      smaller x, other eye, nose tip, mouth corner at smaller x, other mouth corner.
+                      `landmarks(table.loc[path])` -> float array (5, 2).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from preprocessing.faces import pick_face, shifted_square
+
+log = logging.getLogger(__name__)
+
+LANDMARK_COLUMNS = [f"lm{i}_{a}" for i in range(5) for a in ("x", "y")]
+COLUMNS = ["crop_path", "width", "height", "x1", "y1", "x2", "y2", "det_score", "fallback", *LANDMARK_COLUMNS]
+
+
+class Detector(Protocol):
+    def detect_landmarks(self, frames: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]: ...
+
+
+@dataclass(frozen=True)
+class FaceCropSettings:
+    """How every crop is made; the same for training and every evaluation set of a run."""
+
+    margin: float = 0.3  # square side = (1 + margin) * the face box's longer side
+    size: int = 256  # crop side in pixels
+    min_score: float = 0.9  # MTCNN probability below which a detection is ignored
+    detect_max_side: int = 640  # images are downscaled to this for detection (boxes mapped back)
+
+    def key(self) -> str:
+        return "mtcnn-" + hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("DFSWEEP_FACE_CACHE") or Path.home() / ".cache" / "dfsweep" / "faces")
+
+
+def landmarks(row: pd.Series) -> np.ndarray:
+    """The (5, 2) landmarks of one table row, crop pixels (NaN for a fallback)."""
+    return row[LANDMARK_COLUMNS].to_numpy(dtype=np.float64).reshape(5, 2)
+
+
+def file_key(path: str | Path) -> str:
+    p = Path(path).expanduser().resolve()
+    st = p.stat()
+    return hashlib.sha1(f"{p}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """uint8 RGB (H, W, 3), EXIF orientation applied (what the crop is cut from)."""
+    with Image.open(path) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _save_png(path: Path, rgb: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(rgb).save(tmp, format="PNG", compress_level=1)
+    tmp.replace(path)
+
+
+def _face_record(rgb: np.ndarray, boxes: np.ndarray, scores: np.ndarray, points: np.ndarray,
+                 settings: FaceCropSettings) -> dict | None:
+    """Crop square + landmarks of the largest confident face, or None."""
+    k = pick_face(boxes, scores, min_score=settings.min_score)
+    if k is None:
+        return None
+    h, w = rgb.shape[:2]
+    x1, y1, side = shifted_square(boxes[k], settings.margin, w, h)
+    lm = (points[k] - np.array([x1, y1])) * (settings.size / side)
+    return {"x1": x1, "y1": y1, "x2": x1 + side, "y2": y1 + side, "det_score": float(scores[k]), "fallback": False,
+            **{c: float(v) for c, v in zip(LANDMARK_COLUMNS, lm.reshape(-1))}}
+
+
+def _fallback_record(w: int, h: int, ratio: float) -> dict:
+    side = max(1, min(int(round(min(w, h) * ratio)), w, h))
+    x1, y1 = (w - side) // 2, (h - side) // 2
+    return {"x1": x1, "y1": y1, "x2": x1 + side, "y2": y1 + side, "det_score": float("nan"), "fallback": True,
+            **{c: float("nan") for c in LANDMARK_COLUMNS}}
+
+
+def _cut(rgb: np.ndarray, rec: dict, size: int) -> np.ndarray:
+    import cv2
+
+    crop = rgb[rec["y1"]:rec["y2"], rec["x1"]:rec["x2"]]
+    interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_CUBIC
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+def _detect_missing(todo: list[tuple[str, str]], folder: Path, settings: FaceCropSettings, detector: Detector,
+                    batch_size: int) -> None:
+    """Detect, crop and write the (path, file key) pairs in `todo` (same-size images batched together)."""
+    images = {p: read_rgb(p) for p, _ in todo}
+    found: dict[str, dict | None] = {}
+    by_shape: dict[tuple[int, ...], list[str]] = {}
+    for p, _ in todo:
+        by_shape.setdefault(images[p].shape, []).append(p)
+    for paths in by_shape.values():
+        for i in range(0, len(paths), batch_size):
+            chunk = paths[i:i + batch_size]
+            results = detector.detect_landmarks(np.stack([images[p] for p in chunk]))
+            for p, (boxes, scores, points) in zip(chunk, results):
+                found[p] = _face_record(images[p], boxes, scores, points, settings)
+    sides = [(r["x2"] - r["x1"]) / min(images[p].shape[:2]) for p, r in found.items() if r is not None]
+    ratio = float(np.median(sides)) if sides else 1.0
+    for p, key in todo:
+        rgb = images[p]
+        h, w = rgb.shape[:2]
+        rec = found[p] or _fallback_record(w, h, ratio)
+        _save_png(folder / f"{key}.png", _cut(rgb, rec, settings.size))
+        rec.update(width=w, height=h)
+        _atomic_write_bytes(folder / f"{key}.json", json.dumps(rec).encode())
+
+
+def face_crops(paths: Sequence[str], settings: FaceCropSettings = FaceCropSettings(),
+               cache_root: str | Path | None = None, *, detector: Detector | None = None,
+               batch_size: int = 16) -> pd.DataFrame:
+    """The crop table of `paths` (see the module docstring), detecting only images not cached yet."""
+    folder = Path(cache_root or default_cache_root()).expanduser() / settings.key()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = list(dict.fromkeys(str(p) for p in paths))
+    keys = [file_key(p) for p in paths]
+    set_key = hashlib.sha1("\n".join(sorted(f"{p}\t{k}" for p, k in zip(paths, keys))).encode()).hexdigest()[:16]
+    index_file = folder / f"index-{set_key}.parquet"
+    if index_file.is_file():
+        table = pd.read_parquet(index_file)
+        if table["crop_path"].map(os.path.isfile).all():
+            _report(table)
+            return table
+    todo = [(p, k) for p, k in zip(paths, keys) if not (folder / f"{k}.json").is_file()
+            or not (folder / f"{k}.png").is_file()]
+    if todo:
+        log.info("event=face_detect images=%d cached=%d cache=%s", len(todo), len(paths) - len(todo), folder)
+        if detector is None:
+            from preprocessing.faces import FaceDetector
+
+            detector = FaceDetector(detect_max_side=settings.detect_max_side)
+        _detect_missing(todo, folder, settings, detector, batch_size)
+    rows = [{"path": p, "crop_path": str(folder / f"{k}.png"), **json.loads((folder / f"{k}.json").read_text())}
+            for p, k in zip(paths, keys)]
+    table = pd.DataFrame(rows).set_index("path")[COLUMNS]
+    tmp = index_file.with_name(f".{index_file.name}.{os.getpid()}.tmp")
+    table.to_parquet(tmp)
+    tmp.replace(index_file)
+    _report(table)
+    return table
+
+
+def _report(table: pd.DataFrame) -> None:
+    bad = table.index[table["fallback"]].tolist()
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        log.warning("no face found in %d of %d image(s); centre crop used: %s%s", len(bad), len(table),
+                    ", ".join(bad[:5]), more)

@@ -1,0 +1,108 @@
+"""data.face_crop=mtcnn: one cached MTCNN crop per image, shifted inside the frame, landmarks in crop pixels."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.config import ConfigError, load_config
+from preprocessing.face_cache import FaceCropSettings, face_crops, landmarks, read_rgb
+from preprocessing.faces import square_box
+
+
+class CountingDetector:
+    """The real MTCNN detector, counting the images it is asked about."""
+
+    def __init__(self) -> None:
+        from preprocessing.faces import FaceDetector
+
+        self.inner = FaceDetector()
+        self.images = 0
+
+    def detect_landmarks(self, frames: np.ndarray) -> list:
+        self.images += len(frames)
+        return self.inner.detect_landmarks(frames)
+
+
+@pytest.fixture(scope="module")
+def detector() -> CountingDetector:
+    return CountingDetector()
+
+
+def lfw(shared: Path, cls: str, n: int) -> list[str]:
+    return [str(p) for p in sorted((shared / "lfw_faceswap" / cls).glob("*.jpg"))[:n]]
+
+
+def test_cache_miss_then_hit_and_landmarks(shared_data: Path, tmp_path: Path, detector: CountingDetector) -> None:
+    paths = lfw(shared_data, "real", 2) + lfw(shared_data, "fake", 1)
+    settings = FaceCropSettings(margin=0.3, size=96)
+    before = detector.images
+    table = face_crops(paths, settings, tmp_path, detector=detector)
+    assert detector.images - before == 3  # miss: every image detected once
+    assert list(table.index) == paths and not table["fallback"].any()
+    for p, row in table.iterrows():
+        crop = np.asarray(Image.open(row.crop_path))
+        assert crop.shape == (96, 96, 3)
+        assert 0 <= row.x1 < row.x2 <= row.width and 0 <= row.y1 < row.y2 <= row.height
+        assert row.x2 - row.x1 == row.y2 - row.y1
+        lm = landmarks(row)
+        assert lm.shape == (5, 2) and np.all((lm > 0) & (lm < 96))
+        assert lm[0, 0] < lm[1, 0] and lm[0, 1] < lm[2, 1] < lm[3, 1]  # eyes above the nose above the mouth
+    again = face_crops(list(reversed(paths)), settings, tmp_path, detector=detector)
+    assert detector.images - before == 3  # hit: no detection at all
+    assert again.loc[paths].equals(table)
+    # a subset and a new image: only the new one is detected
+    face_crops(paths[:1] + lfw(shared_data, "real", 3)[2:], settings, tmp_path, detector=detector)
+    assert detector.images - before == 4
+    # other settings are another cache entry
+    face_crops(paths[:1], FaceCropSettings(margin=0.1, size=96), tmp_path, detector=detector)
+    assert detector.images - before == 5
+
+
+def test_border_face_is_shifted_inside_never_padded(shared_data: Path, tmp_path: Path,
+                                                    detector: CountingDetector) -> None:
+    frame = read_rgb(lfw(shared_data, "real", 1)[0])  # 250 x 250, face near the centre
+    corner = frame[60:, 70:]  # 190 x 180: the face now sits at the top-left edge
+    path = tmp_path / "corner.png"
+    Image.fromarray(corner).save(path)
+    settings = FaceCropSettings(margin=0.4, size=64)
+    boxes, _, _ = detector.inner.detect_landmarks(corner[None])[0]
+    sq = square_box(boxes[0], settings.margin)
+    assert sq[0] < 0 and sq[1] < 0 and sq[2] - sq[0] < min(corner.shape[:2])  # its margin square leaves the frame
+    table = face_crops([str(path)], settings, tmp_path / "cache", detector=detector)
+    row = table.iloc[0]
+    assert not row.fallback
+    assert (row.x1, row.y1) == (0, 0) and row.x2 - row.x1 == round(sq[2] - sq[0])  # shifted inside, same size
+    crop = np.asarray(Image.open(row.crop_path)).astype(int)
+    import cv2
+
+    expected = cv2.resize(corner[row.y1:row.y2, row.x1:row.x2], (64, 64), interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(crop, expected)
+    for strip in (crop[:2], crop[-2:], crop[:, :2], crop[:, -2:]):
+        assert strip.max() - strip.min() > 8 and strip.sum(axis=-1).min() > 0  # no flat or black border
+
+
+def test_no_face_is_kept_with_centre_crop_and_reported(tmp_path: Path, detector: CountingDetector,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    y, x = np.mgrid[0:120, 0:160]
+    flat = np.stack([x, y, (x + y) // 2], -1).astype(np.uint8)  # a smooth gradient: no face
+    path = tmp_path / "noface.png"
+    Image.fromarray(flat).save(path)
+    with caplog.at_level(logging.WARNING):
+        table = face_crops([str(path)], FaceCropSettings(size=48), tmp_path / "cache", detector=detector)
+    row = table.iloc[0]
+    assert row.fallback and np.isnan(landmarks(row)).all()
+    assert (row.x1, row.y1, row.x2, row.y2) == (20, 0, 140, 120)  # centred square, no face ratio known: short side
+    assert "no face found in 1 of 1" in caplog.text and "noface.png" in caplog.text
+
+
+def test_config_face_crop_keys() -> None:
+    cfg = load_config(overrides={"data.face_crop": "mtcnn", "data.face_margin": 0.2})
+    assert cfg.data.face_crop == "mtcnn" and cfg.data.face_margin == 0.2
+    with pytest.raises(ConfigError, match="data.face_crop"):
+        load_config(overrides={"data.face_crop": "haar"})
+    with pytest.raises(ConfigError, match="center_crop"):
+        load_config(overrides={"data.face_crop": "mtcnn", "data.center_crop": 0.5})
