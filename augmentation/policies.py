@@ -117,6 +117,13 @@ def parse_policy(name: str) -> tuple[str, list[int]]:
         raise ValueError(f"augmentation policy {name!r}: arguments after ':' must be integers") from None
 
 
+def is_deterministic(name: str, image_size: int) -> bool:
+    """True when policy `name` adds no random transform, so its train transform is the eval transform
+    (a frozen backbone then gives every image the same features each epoch: training.feature_cache)."""
+    base, args = parse_policy(name)
+    return not POLICIES.get(base)(image_size, *args)
+
+
 def build_transform(
     name: str,
     image_size: int,

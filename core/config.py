@@ -149,6 +149,9 @@ class TrainConfig(_Section):
     eval_only: bool = False
     checkpoint: Optional[str] = None  # with eval_only: a file or runs:/RUN_ID/path
     max_steps_per_epoch: Optional[int] = Field(None, ge=1)  # debug/bench: cap optimizer steps per epoch
+    # frozen backbone + no augmentation/mixup: backbone features computed once, epochs train the head on them
+    feature_cache: Literal["auto", "off"] = "auto"
+    feature_cache_ram_mb: int = Field(2048, ge=0)  # larger caches are memory-mapped files in the run folder
     log_every: int = Field(20, ge=1)
 
     @field_validator("freeze_strategy")

@@ -39,7 +39,7 @@ def autocast_factory(device: torch.device, enabled: bool) -> Callable[[], contex
 
 def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=device.type == "cuda")
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
 
 def logit_score(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

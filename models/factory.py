@@ -97,6 +97,23 @@ class Detector(nn.Module):
     def forward(self, x: Tensor, labels: Optional[Tensor] = None) -> Tensor:
         return self.head(self.features(x), labels)
 
+    @property
+    def caches_pooled(self) -> bool:
+        """True when a frozen-feature cache holds pooled features (no attention block to train on the map)."""
+        return isinstance(self.attention, nn.Identity)
+
+    def frozen_features(self, x: Tensor) -> Tensor:
+        """The backbone's share of `forward` that a frozen-feature cache stores: pooled features
+        (B, num_features) without an attention block, else the feature map the attention block trains on."""
+        fmap = self.backbone.forward_features(x)
+        return self.backbone.forward_head(fmap, pre_logits=True) if self.caches_pooled else fmap
+
+    def forward_cached(self, cached: Tensor, labels: Optional[Tensor] = None) -> Tensor:
+        """The rest of `forward` from `frozen_features(x)`: forward_cached(frozen_features(x)) == forward(x)."""
+        if self.caches_pooled:
+            return self.head(cached, labels)
+        return self.head(self.backbone.forward_head(self.attention(cached), pre_logits=True), labels)
+
     def classifier_modules(self) -> list[nn.Module]:
         """What sits on top of the backbone (trainable when the backbone is frozen)."""
         return [self.attention, self.head]

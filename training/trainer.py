@@ -132,6 +132,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.best_val_table: pd.DataFrame | None = None
         self.best_val_metrics: dict[str, float] = {}
+        self.feature_cache = None  # training.feature_cache.FeatureCache, built when fit() starts
 
     # ------------------------------------------------------------------ state
     @property
@@ -175,7 +176,9 @@ class Trainer:
         # same whether or not the run was stopped and resumed before this epoch.
         epoch_seed = cfg.train.seed * 1000 + epoch
         seed_everything(epoch_seed)
-        loader = self.loaders["train"]
+        cached = self.feature_cache is not None
+        loader = self.feature_cache.batches["train"] if cached else self.loaders["train"]
+        net = self.model.forward_cached if cached else self.model  # cached: frozen backbone features in, logits out
         reseed_epoch(loader, epoch_seed)
         self.model.train()
         set_train_mode(self.model)
@@ -189,7 +192,7 @@ class Trainer:
             x, y = to_device(images, self.device, self.channels_last), labels.to(self.device)
             x, y = mix_batch(self.mixup, x, y)
             with self.amp():
-                logits = self.model(x, labels=y.long()) if self.needs_labels else self.model(x)
+                logits = net(x, labels=y.long()) if self.needs_labels else net(x)
                 loss = self.loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(f"loss is {loss.item()} at epoch {epoch} batch {i}; lower the LR or turn AMP off")
@@ -218,7 +221,12 @@ class Trainer:
             self.ema.update(self.model, step=self.updates)
 
     def validate(self, split: str = "val") -> tuple[dict[str, float], pd.DataFrame]:
-        preds = predict(self.eval_model, self.loaders[split], self.device, channels_last=self.channels_last,
+        model, loader = self.eval_model, self.loaders[split]
+        if self.feature_cache is not None and split in self.feature_cache.batches:
+            from training.feature_cache import CachedForward
+
+            model, loader = CachedForward(model), self.feature_cache.batches[split]
+        preds = predict(model, loader, self.device, channels_last=self.channels_last,
                         amp=self.amp, loss_fn=self.loss_fn, tta=self.cfg.train.use_tta, desc=split)
         samples = getattr(self.index, split)
         return split_metrics(split, preds), predictions_table(preds, samples)
@@ -228,9 +236,36 @@ class Trainer:
             return False
         return value > self.best_metric if self.cfg.train.monitor_mode == "max" else value < self.best_metric
 
+    def start_feature_cache(self, tracker) -> float | None:
+        """Build the frozen-feature cache when the run allows one (training.feature_cache); its seconds."""
+        from training.feature_cache import FeatureCache, cache_blocker
+        from training.freezing import set_train_mode
+
+        self.model.train()
+        set_train_mode(self.model)
+        reason = cache_blocker(self.cfg, self.model)
+        if reason is not None:
+            if self.cfg.train.freeze_strategy == "frozen":
+                log.info("event=feature_cache_off reason=%s", reason)
+                tracker.set_tags({"feature_cache": f"off: {reason}"})
+            return None
+        t0 = time.perf_counter()
+        splits = ("train",) + (("val",) if "val" in self.loaders and not self.cfg.train.use_tta else ())
+        self.feature_cache = FeatureCache.build(self, splits)
+        tracker.set_tags({"feature_cache": self.feature_cache.describe()})
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ loop
     def fit(self, tracker, epoch_callback: Callable[[int, dict[str, float]], None] | None) -> str:
         """Run epochs from start_epoch; returns COMPLETE or EARLY_STOPPED."""
+        try:
+            return self._fit(tracker, epoch_callback)
+        finally:
+            if self.feature_cache is not None:
+                self.feature_cache.release()
+                self.feature_cache = None
+
+    def _fit(self, tracker, epoch_callback: Callable[[int, dict[str, float]], None] | None) -> str:
         from training.freezing import apply_freeze
 
         t, pred_dir = self.cfg.train, self.run_dir / "predictions"
@@ -240,7 +275,10 @@ class Trainer:
             if not self.history or self.history[-1].get("trainable_params") != summary.trainable:
                 log.info("event=parameters epoch=%d total=%d trainable=%d frozen=%d strategy=%s",
                          epoch, summary.total, summary.trainable, summary.frozen, t.freeze_strategy)
+            cache_seconds = self.start_feature_cache(tracker) if epoch == self.start_epoch else None
             row: dict[str, float] = {"epoch": epoch, **self.train_one_epoch(epoch)}
+            if cache_seconds is not None:
+                row["feature_cache_seconds"] = cache_seconds
             val_metrics, val_table = self.validate("val")
             row.update(val_metrics)
             row["trainable_params"], row["frozen_params"] = summary.trainable, summary.frozen
