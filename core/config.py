@@ -17,6 +17,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "configs" / "default.yaml"
 MODEL_CONFIGS = REPO_ROOT / "experiments" / "configs" / "models"
 FREEZE_RE = re.compile(r"^(full|frozen|progressive|partial:[1-9]\d*)$")
+# per-epoch validation metrics (evaluation.metrics.binary_metrics keys, plus the loss) a run can monitor
+VAL_METRICS = ("auc", "ap", "eer", "accuracy", "precision", "recall", "f1", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct",
+               "log_loss", "brier", "ece", "mce", "ace", "loss")
+EXTRA_VAL_METRICS = ("auc", "ap")  # logged per epoch for every data.extra_val set as val_<name>_<metric>
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 class ConfigError(ValueError):
@@ -37,6 +42,7 @@ class DataConfig(_Section):
     balance: Literal["none", "pos_weight", "sampler"] = "none"
     aug_policy: str = "basic"
     center_crop: Optional[float] = Field(None, gt=0, le=1)  # keep this central fraction first (uncropped photos)
+    extra_val: tuple[str, ...] = ()  # other data sets ("path" or "name=path") scored each epoch: val_<name>_auc
     face_crop: Literal["none", "mtcnn"] = "none"  # mtcnn: one cached MTCNN face crop per image (preprocessing.face_cache)
     face_margin: float = Field(0.3, ge=0, le=2)  # face crop square side = (1 + margin) * face box side
     face_size: int = Field(256, ge=16, le=1024)  # face crops are stored at this size, then resized to image_size
@@ -47,6 +53,25 @@ class DataConfig(_Section):
     frame_skip: int = Field(3, ge=1)
     lq_size: Optional[int] = Field(None, ge=16)  # None -> image_size // 2
     lq_jpeg_quality: tuple[int, int] = (30, 50)
+
+    @field_validator("extra_val", mode="before")
+    @classmethod
+    def _extra_val_list(cls, v: Any) -> Any:
+        return () if v is None else (v,) if isinstance(v, str) else v
+
+    @field_validator("extra_val")
+    @classmethod
+    def _extra_val_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        names = [name for name, _ in extra_val_sets(v)]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"two data sets are both named {dup[0]!r}; name them: name=path")
+        return v
+
+    @property
+    def extra_val_sets(self) -> list[tuple[str, str]]:
+        """[(name, path)] of data.extra_val."""
+        return extra_val_sets(self.extra_val)
 
     @field_validator("split")
     @classmethod
@@ -202,6 +227,17 @@ class Config(_Section):
         if self.data.face_crop != "none" and self.model.is_video:
             raise ValueError("data.face_crop is for photos; dual_stream reads face crops from "
                              "preprocessing.extract_faces: set data.face_crop=none")
+        if self.data.extra_val and self.model.is_video:
+            raise ValueError("data.extra_val scores photo data sets each epoch; dual_stream trains on clips")
+        valid = monitor_names(self.data)
+        if self.train.monitor not in valid:
+            import difflib
+
+            close = difflib.get_close_matches(self.train.monitor, valid, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            extra = ", ".join(v for v in valid if v.removeprefix("val_") not in VAL_METRICS)
+            raise ValueError(f"train.monitor={self.train.monitor!r} is not logged by this run; {hint}choose val_auc, "
+                             f"val_loss, val_ap, val_f1, ... {extra or '(data.extra_val adds val_<name>_auc and val_extra_mean_auc)'}")
         if self.train.eval_only and not self.train.checkpoint:
             raise ValueError("train.eval_only needs train.checkpoint (--checkpoint FILE or runs:/RUN_ID/path)")
         return self
@@ -216,6 +252,39 @@ class Config(_Section):
         for key, value in overrides.items():
             set_dotted(data, key, value, source)
         return validate(data, source)
+
+
+# ---------------------------------------------------------------------------- extra validation sets
+def extra_val_name(path: str) -> str:
+    """'hardfake_vs_real' for ../shared/data/hardfake_vs_real, 'faces' for faces.csv (lower case, [a-z0-9_])."""
+    p = Path(path.rstrip("/\\"))
+    base = p.stem if p.suffix.lower() == ".csv" else p.name
+    name = re.sub(r"[^a-z0-9]+", "_", base.lower()).strip("_")
+    return name if name and name[0].isalpha() else f"set_{name or 'data'}"
+
+
+def extra_val_sets(entries: tuple[str, ...] | list[str]) -> list[tuple[str, str]]:
+    """[(name, path)] from data.extra_val entries "path" or "name=path"."""
+    out = []
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if sep and _NAME_RE.match(name.strip()) and path.strip():
+            out.append((name.strip(), path.strip()))
+        elif sep and not path.strip():
+            raise ValueError(f"{entry!r} has no path after '='; use name=path")
+        else:
+            out.append((extra_val_name(entry), entry))
+    return out
+
+
+def monitor_names(data: DataConfig) -> list[str]:
+    """Every per-epoch metric a run with this data config logs and can monitor (early stopping, best checkpoint)."""
+    names = [f"val_{m}" for m in VAL_METRICS]
+    sets = extra_val_sets(data.extra_val)
+    names += [f"val_{n}_{m}" for n, _ in sets for m in EXTRA_VAL_METRICS]
+    if sets:
+        names += [f"val_extra_mean_{m}" for m in EXTRA_VAL_METRICS] + [f"val_mean_{m}" for m in EXTRA_VAL_METRICS]
+    return names
 
 
 # ---------------------------------------------------------------------------- building

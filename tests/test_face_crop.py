@@ -106,3 +106,24 @@ def test_config_face_crop_keys() -> None:
         load_config(overrides={"data.face_crop": "haar"})
     with pytest.raises(ConfigError, match="center_crop"):
         load_config(overrides={"data.face_crop": "mtcnn", "data.center_crop": 0.5})
+
+
+def test_loaders_read_face_crops_for_every_split(shared_data: Path, tmp_path: Path) -> None:
+    from dataio.data import DataIndex, Sample
+    from dataio.loaders import build_loaders
+
+    real, fake = lfw(shared_data, "real", 2), lfw(shared_data, "fake", 2)
+    index = DataIndex(train=[Sample(real[0], 0), Sample(fake[0], 1)], val=[Sample(real[1], 0), Sample(fake[1], 1)],
+                      test=[])
+    cfg = load_config(overrides={"data.face_crop": "mtcnn", "data.face_size": 64, "data.face_cache": str(tmp_path),
+                                 "data.image_size": 32, "data.num_workers": 0, "data.batch_size": 2})
+    loaders = build_loaders(index, cfg, (0.5,) * 3, (0.5,) * 3)
+    table = face_crops(real + fake, FaceCropSettings(margin=0.3, size=64), tmp_path)  # cached by the loaders
+    for split in ("train", "val"):
+        ds = loaders[split].dataset
+        assert [s.path for s in ds.samples] == [table.loc[s.path, "crop_path"] for s in index.split(split)]
+        images, labels, idx = next(iter(loaders[split]))
+        assert images.shape == (2, 3, 32, 32)
+    val = loaders["val"].dataset[0][0]  # eval transform: the crop resized, nothing else
+    crop = np.asarray(Image.open(table.loc[real[1], "crop_path"]).resize((32, 32)))
+    assert abs(float(val[0].mean()) - (crop[..., 0].mean() / 255 - 0.5) / 0.5) < 0.05

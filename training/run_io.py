@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from core.checkpoints import load_checkpoint
-from core.config import Config
+from core.config import VAL_METRICS, Config
 
 if TYPE_CHECKING:
     from training.trainer import Trainer, TrainResult
@@ -25,6 +25,8 @@ def start_tags(cfg: Config, index) -> dict[str, str]:
         "model_type": cfg.model.model_name or cfg.model.model_type, "freeze_strategy": cfg.train.freeze_strategy,
         "loss_type": cfg.loss.loss_type, "data_digest": index.digest, "data_source": str(index.source),
         "class_counts": json.dumps(counts), "skipped_files": str(len(index.skipped)),
+        "face_crop": cfg.data.face_crop,
+        **({"extra_val": json.dumps(dict(cfg.data.extra_val_sets))} if cfg.data.extra_val else {}),
     }
 
 
@@ -66,6 +68,12 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
     if "test" in trainer.loaders and len(trainer.index.test):
         test_metrics, test_table = trainer.validate("test")
         test_table.to_parquet(pred_dir / "test.parquet")
+    from training.extra_val import score_extra
+
+    extra_metrics, extra_tables = score_extra(trainer, "test")
+    test_metrics.update(extra_metrics)
+    for name, table in extra_tables.items():
+        table.to_parquet(pred_dir / f"test_{name}.parquet")
     history = pd.DataFrame(trainer.history)
     write_skipped(trainer.index, run_dir / "skipped_files.csv")
     (run_dir / "parameter_summary.json").write_text(json.dumps({
@@ -76,7 +84,10 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
     report_metrics = run_report(val_table, test_table, history, run_dir / "evaluation")
     per_epoch = set(history.columns)  # the report's val_* at the best epoch repeat per-epoch curves: not again
     report_metrics = {k: v for k, v in report_metrics.items() if k not in per_epoch}
-    final = {**test_metrics, **report_metrics, "best_epoch": trainer.best_epoch,
+    # best_<m>: the value at the kept (best) epoch, for the monitor and the cross-dataset metrics (ensemble selection)
+    at_best = {f"best_{k}": v for k, v in trainer.best_val_metrics.items()
+               if k.startswith("val_") and k.removeprefix("val_") not in VAL_METRICS}
+    final = {**test_metrics, **report_metrics, **at_best, "best_epoch": trainer.best_epoch,
              f"best_{cfg.train.monitor}": trainer.best_metric}
     tracker.log_metrics(final, step=max(trainer.best_epoch, 0))
     if cfg.train.checkpoint_out and best_path.exists():

@@ -117,6 +117,9 @@ class Trainer:
         if cfg.model.is_video:
             from dataio.video_data import build_video_loaders as build_loaders  # noqa: F811
         self.loaders = build_loaders(index, cfg, dc["mean"], dc["std"], device_type=self.device.type)
+        from training.extra_val import build_extra_sets
+
+        self.extra_sets = build_extra_sets(cfg, dc["mean"], dc["std"], self.device.type)
         self.batches_per_epoch = len(self.loaders["train"])
         if t.max_steps_per_epoch:
             self.batches_per_epoch = min(self.batches_per_epoch, t.max_steps_per_epoch * cfg.optim.gradient_accumulation)
@@ -266,6 +269,7 @@ class Trainer:
                 self.feature_cache = None
 
     def _fit(self, tracker, epoch_callback: Callable[[int, dict[str, float]], None] | None) -> str:
+        from training.extra_val import add_means, score_extra
         from training.freezing import apply_freeze
 
         t, pred_dir = self.cfg.train, self.run_dir / "predictions"
@@ -280,6 +284,9 @@ class Trainer:
             if cache_seconds is not None:
                 row["feature_cache_seconds"] = cache_seconds
             val_metrics, val_table = self.validate("val")
+            extra_metrics, _ = score_extra(self, "val")
+            val_metrics.update(extra_metrics)
+            add_means(val_metrics, [e.name for e in self.extra_sets])
             row.update(val_metrics)
             row["trainable_params"], row["frozen_params"] = summary.trainable, summary.frozen
             lrs = self.schedule.lrs()
