@@ -82,10 +82,12 @@ def cell_metrics(table: pd.DataFrame) -> dict[str, float]:
 
 
 def crosseval(sources: list[Source], datasets: list[str], opts: EvalOptions, out_dir: str | Path, *,
-              device: str = "auto", use_amp: bool = False, in_domain_split: str = "test") -> CrossEvalResult:
-    """Score every source on every dataset; write the long table, the AUC matrix and the heatmap page."""
+              device: str = "auto", use_amp: bool = False, in_domain_split: str = "test",
+              face_crops: list[str | None] | None = None) -> CrossEvalResult:
+    """Score every source on every dataset; write the long table, the AUC matrix and the heatmap page.
+    face_crops: per data set none | mtcnn | None (what each run trained with)."""
     from dataio.data import DataError
-    from training.eval_only import load_trained_model
+    from training.eval_only import load_trained_model, with_face_crop
 
     out_dir = Path(out_dir)
     (out_dir / "predictions").mkdir(parents=True, exist_ok=True)
@@ -93,6 +95,11 @@ def crosseval(sources: list[Source], datasets: list[str], opts: EvalOptions, out
         if not Path(d).expanduser().exists():
             raise EvaluateError(f"data dir not found: {d}")
     data_names = _unique([dataset_name(d) for d in datasets])
+    face_crops = list(face_crops or [None])
+    if len(face_crops) == 1:
+        face_crops *= len(datasets)
+    if len(face_crops) != len(datasets):
+        raise EvaluateError(f"--face_crop takes one value or one per data set ({len(datasets)}); got {len(face_crops)}")
     rows, labels, attached = [], [], []
     for source in sources:
         trained = load_trained_model(source.checkpoint, device, use_amp)
@@ -101,18 +108,20 @@ def crosseval(sources: list[Source], datasets: list[str], opts: EvalOptions, out
         attached.append(source)
         label = source.label if source.label not in labels else f"{source.label}_{len(labels) + 1}"
         labels.append(label)
-        for data_dir, name in zip(datasets, data_names):
+        for data_dir, name, face_crop in zip(datasets, data_names, face_crops):
             in_domain = _same_data(trained.config.data.data_dir, data_dir)
+            data_trained = with_face_crop(trained, face_crop)
             split = in_domain_split if in_domain else "all"
             try:
-                data = score_dataset(trained, data_dir, opts, split=split, mc_dropout=0)
+                data = score_dataset(data_trained, data_dir, opts, split=split, mc_dropout=0)
             except DataError:
                 if not in_domain or split == "all":
                     raise
                 log.warning("event=in_domain_split_empty data=%s split=%s: scoring all images", data_dir, split)
-                split, data = "all", score_dataset(trained, data_dir, opts, split="all", mc_dropout=0)
+                split, data = "all", score_dataset(data_trained, data_dir, opts, split="all", mc_dropout=0)
             data.table.to_parquet(out_dir / "predictions" / f"{_key(label)}__{_key(name)}.parquet")
             rows.append({"run": label, "run_id": source.run_id, "dataset": name, "data_dir": str(data_dir),
+                         "face_crop": data_trained.config.data.face_crop,
                          **cell_metrics(data.table), "n": len(data.table), "in_domain": in_domain, "split": split})
             log.info("event=crosseval_cell run=%s data=%s auc=%.4f n=%d", label, name, rows[-1]["auc"],
                      len(data.table))
@@ -192,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         sources = [source_for(r) for r in a.runs]
         out_dir = Path(a.output_dir or Path("outputs") / "crosseval" / time.strftime("%Y%m%d-%H%M%S"))
         result = crosseval(sources, a.datasets, opts, out_dir, device=a.device, use_amp=a.use_amp,
-                           in_domain_split=a.in_domain_split)
+                           in_domain_split=a.in_domain_split, face_crops=a.face_crop)
         if not a.no_tracking:
             log_crosseval(result, opts, a.experiment_name, uri)
     except Exception as e:

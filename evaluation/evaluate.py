@@ -31,7 +31,7 @@ import pandas as pd
 
 from evaluation.robustness import DEFAULT_PERTURBATIONS, Perturbation
 from evaluation.tta import FLIP, NO_TTA, TTASpec
-from training.eval_only import ScoredData, dataset_name, load_trained_model, score_samples
+from training.eval_only import ScoredData, dataset_name, load_trained_model, score_samples, with_face_crop
 from training.eval_only import score_dataset as _score_dataset
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class EvalOptions:
     batch_size: int = 64
     num_workers: int = 2
     seed: int = 0
+    face_crop: str | None = None  # none | mtcnn; None = what the run trained with
     operating_point: str = "eer"
     n_boot: int = 1000
     write_png: bool = False
@@ -62,6 +63,7 @@ class EvalOptions:
     def params(self) -> dict[str, str]:
         return {"tta": self.tta.describe(), "mc_dropout": str(self.mc_dropout), "robustness": str(self.robustness),
                 "max_images": str(self.max_images), "split": self.split, "seed": str(self.seed),
+                "face_crop": self.face_crop or "as trained",
                 "operating_point": self.operating_point}
 
 
@@ -194,7 +196,7 @@ def evaluate(source: Source, data_dir: str | Path, opts: EvalOptions, out_dir: s
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
-    trained = load_trained_model(source.checkpoint, device, use_amp)
+    trained = with_face_crop(load_trained_model(source.checkpoint, device, use_amp), opts.face_crop)
     check_supported(trained, opts)
     source = attach_run(source, trained)
     data = score_dataset(trained, data_dir, opts)
@@ -288,6 +290,9 @@ def add_scoring_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", default=None, help="TTA views: any of flip,crop,scale (implies --use_tta)")
     p.add_argument("--tta_space", choices=["logit", "prob"], default="logit", help="average logits or P(fake)")
     p.add_argument("--max_images", type=int, default=None, help="score at most N images (stratified, seeded)")
+    p.add_argument("--face_crop", nargs="+", choices=["none", "mtcnn"], default=None,
+                   help="preprocessing of the data: MTCNN face crop or none (default: what the run trained with; "
+                        "crosseval: one value, or one per --datasets entry)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -328,6 +333,12 @@ def setup_cli(a: argparse.Namespace) -> str:
     return uri
 
 
+def one_face_crop(values: list[str] | None) -> str | None:
+    if values and len(values) > 1:
+        raise EvaluateError("--face_crop takes one value here (none or mtcnn)")
+    return values[0] if values else None
+
+
 def is_bad_input(e: Exception) -> bool:
     from training.train_unified import is_user_error
 
@@ -363,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = EvalOptions(tta=tta_from_args(a), mc_dropout=a.mc_dropout, robustness=a.robustness,
                            perturbations=perturbations, robustness_max_images=a.robustness_max_images or None,
                            max_images=a.max_images, split=a.split, batch_size=a.batch_size,
-                           num_workers=a.num_workers, seed=a.seed, operating_point=a.operating_point,
+                           num_workers=a.num_workers, seed=a.seed, face_crop=one_face_crop(a.face_crop),
+                           operating_point=a.operating_point,
                            n_boot=a.n_boot, write_png=a.png)
         if not Path(a.data_dir).expanduser().exists():
             raise EvaluateError(f"data dir not found: {a.data_dir}")

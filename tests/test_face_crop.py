@@ -5,6 +5,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -127,3 +128,31 @@ def test_loaders_read_face_crops_for_every_split(shared_data: Path, tmp_path: Pa
     val = loaders["val"].dataset[0][0]  # eval transform: the crop resized, nothing else
     crop = np.asarray(Image.open(table.loc[real[1], "crop_path"]).resize((32, 32)))
     assert abs(float(val[0].mean()) - (crop[..., 0].mean() / 255 - 0.5) / 0.5) < 0.05
+
+
+def test_evaluation_face_crop_per_dataset(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """crosseval --face_crop none mtcnn: each data set read as asked; the table still names the original files."""
+    from evaluation import crosseval as crosseval_cli
+    from test_robustness import subset_csv, tiny_checkpoint
+    from training.eval_only import load_trained_model, with_face_crop
+
+    monkeypatch.setenv("DFSWEEP_FACE_CACHE", str(tmp_path / "cache"))
+    ckpt = tiny_checkpoint(tmp_path / "m" / "best.pt")
+    data = subset_csv(shared_data / "hardfake_vs_real", tmp_path / "hf.csv", per_class=3)
+    out = tmp_path / "cx"
+    rc = crosseval_cli.main(["--runs", str(ckpt), "--datasets", str(data), str(data), "--face_crop", "none", "mtcnn",
+                             "--output_dir", str(out), "--num_workers", "0", "--no_tracking", "--device", "cpu"])
+    assert rc == 0
+    long = pd.read_csv(out / "crosseval.csv")
+    assert list(long["face_crop"]) == ["none", "mtcnn"]
+    tables = sorted((out / "predictions").glob("*.parquet"))
+    plain, cropped = (pd.read_parquet(t) for t in tables)
+    assert list(plain["path"]) == list(cropped["path"]) and plain["path"].str.endswith(".jpg").all()
+    assert not np.allclose(plain["score"], cropped["score"])  # the model saw different pixels
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 6
+    # default: what the run trained with
+    trained = load_trained_model(ckpt, "cpu")
+    assert with_face_crop(trained, None) is trained
+    assert with_face_crop(trained, "mtcnn").config.data.face_crop == "mtcnn"
+    assert crosseval_cli.main(["--runs", str(ckpt), "--datasets", str(data), "--face_crop", "none", "mtcnn",
+                               "mtcnn", "--output_dir", str(out), "--no_tracking"]) == 2

@@ -67,6 +67,17 @@ def load_trained_model(ref: str | Path, device: str = "auto", use_amp: bool = Fa
     return TrainedModel(model, trained, dev, channels_last, autocast_factory(dev, use_amp), info)
 
 
+def with_face_crop(trained: TrainedModel, face_crop: str | None) -> TrainedModel:
+    """The model read with another face crop (none | mtcnn; None keeps the run's own). mtcnn uses the run's
+    margin and crop size; it replaces a center_crop the run trained with."""
+    if face_crop is None or face_crop == trained.config.data.face_crop:
+        return trained
+    from dataclasses import replace
+
+    over = {"data.face_crop": face_crop, **({"data.center_crop": None} if face_crop != "none" else {})}
+    return replace(trained, config=trained.config.with_overrides(over, "--face_crop"))
+
+
 def select_samples(index, split: str = "all", max_images: int | None = None, seed: int = 0) -> list:
     """Samples of one split of a scanned DataIndex ("all" = train + val + test), capped stratified and seeded."""
     from dataio.data import cap_split
