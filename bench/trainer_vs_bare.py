@@ -29,7 +29,8 @@ from models import create_detector  # noqa: E402
 from core.config import load_config  # noqa: E402
 from dataio.data import scan  # noqa: E402
 from dataio.loaders import build_loaders  # noqa: E402
-from training.trainer import default_data_cfg, train  # noqa: E402
+from dataio.pipeline import data_config  # noqa: E402
+from training.trainer import train  # noqa: E402
 
 
 def bare_loop(cfg, index, steps: int) -> float:
@@ -86,7 +87,7 @@ def main() -> None:
             "train.output_dir": str(tmp / "outputs"), "tracking.log_model": False,
             "tracking.experiment_name": "bench-trainer-vs-bare",
         })
-        index = scan(default_data_cfg(cfg), cfg.train.seed)
+        index = scan(data_config(cfg), cfg.train.seed)
         trainer_run(cfg), bare_loop(cfg, index, args.steps)  # warm-up: caches, allocator, first-call costs
         ours, bare = [], []
         for _ in range(args.rounds):

@@ -9,12 +9,10 @@ from typing import Any
 
 import torch
 
+from core.errors import CheckpointError
+
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be found or read; one line naming the file."""
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:

@@ -13,6 +13,8 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.errors import ConfigError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "configs" / "default.yaml"
 MODEL_CONFIGS = REPO_ROOT / "experiments" / "configs" / "models"
@@ -22,10 +24,6 @@ VAL_METRICS = ("auc", "ap", "eer", "accuracy", "precision", "recall", "f1", "tpr
                "log_loss", "brier", "ece", "mce", "ace", "loss")
 EXTRA_VAL_METRICS = ("auc", "ap")  # logged per epoch for every data.extra_val set as val_<name>_<metric>
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
-
-
-class ConfigError(ValueError):
-    """A bad key or value; the message is one line naming the key and its source."""
 
 
 class _Section(BaseModel):

@@ -4,11 +4,9 @@ from __future__ import annotations
 import difflib
 from typing import Any, Callable, Generic, TypeVar
 
+from core.errors import UnknownNameError
+
 T = TypeVar("T")
-
-
-class UnknownNameError(ValueError):
-    """Raised for a name that is not registered; the message lists valid names and the closest one."""
 
 
 class Registry(Generic[T]):

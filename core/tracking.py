@@ -90,20 +90,6 @@ def log_dataset_input(table: pd.DataFrame, source: str, name: str, digest: str, 
     mlflow.log_input(ds, context=context)
 
 
-class ScoreModel(torch.nn.Module):
-    """Wraps a detector so the logged model maps images (N,3,H,W) to P(fake) (N,1)."""
-
-    def __init__(self, detector: torch.nn.Module) -> None:
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.detector(x)
-        if logits.shape[1] == 1:
-            return torch.sigmoid(logits)
-        return torch.softmax(logits, dim=1)[:, 1:2]
-
-
 class RunTracker:
     """Context manager around one MLflow run. Reuses an active run (sweep trials), resumes a run id,
     or starts a new run. A no-op when tracking is disabled."""
@@ -187,8 +173,9 @@ class RunTracker:
             else:
                 mlflow.log_artifact(str(folder), artifact_path)
 
-    def log_model(self, detector: torch.nn.Module, image_size: int, name: str = "model") -> str | None:
-        """Log the detector (eval mode, CPU, fp32) as a pt2 pytorch model with signature + example.
+    def log_model(self, scorer: torch.nn.Module, image_size: int, name: str = "model") -> str | None:
+        """Log a scorer (models.outputs.ScoreModel: input -> P(fake) (N,1)) in eval mode, CPU, fp32, as a pt2
+        pytorch model with signature + example.
 
         Image models take (N,3,H,W); the dual-stream video model takes HQ clips (N,T,3,H,W)."""
         if not (self.enabled and self.cfg.tracking.log_model):
@@ -196,7 +183,7 @@ class RunTracker:
         import mlflow
         from mlflow.models import infer_signature
 
-        model = ScoreModel(detector).to("cpu", memory_format=torch.contiguous_format).float().eval()
+        model = scorer.to("cpu", memory_format=torch.contiguous_format).float().eval()
         shape = (2, 3, image_size, image_size)
         if self.cfg.model.is_video:
             shape = (2, self.cfg.data.sequence_length, 3, image_size, image_size)
@@ -212,7 +199,7 @@ class RunTracker:
             info = mlflow.pytorch.log_model(
                 model, name=name, signature=sig, input_example=x, pip_requirements=reqs,
                 serialization_format="pickle",
-                code_paths=[str(REPO_ROOT / p) for p in ("models", "training")],
+                code_paths=[str(REPO_ROOT / p) for p in ("core", "dataio", "models")],
             )
         mlflow.set_tag("model_uri", info.model_uri)
         return info.model_uri

@@ -25,22 +25,14 @@ import numpy as np
 from PIL import Image
 
 from core.config import DataConfig
+from core.errors import DataError
+from core.naming import CLASS_RE, IMAGE_EXTENSIONS, LABEL_WORDS, LABELS, SPLIT_ALIASES, SPLITS
 
 log = logging.getLogger(__name__)
 
-LABELS = ("real", "fake")  # label 0, label 1
-SPLITS = ("train", "val", "test")
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-_CLASS_RE = re.compile(r"^(?:\d+[_-])?(real|fake)$", re.IGNORECASE)
-_SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val",
-                  "validation": "val", "dev": "val", "test": "test", "testing": "test"}
-_LABEL_WORDS = {"real": 0, "0": 0, "fake": 1, "1": 1}
+_CLASS_RE, _SPLIT_ALIASES, _LABEL_WORDS = CLASS_RE, SPLIT_ALIASES, LABEL_WORDS
 EXPECTED_LAYOUT = ("expected DIR/{train,val,test}/{real,fake}/, DIR/{real,fake}/, "
                    "or a CSV with columns path,label[,group][,split][,subset]")
-
-
-class DataError(ValueError):
-    """A data problem the user must fix; the message is one line naming the folder/file and the fix."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from augmentation.policies import POLICIES, parse_policy, seed_transform
-from models.video import SequenceBatch
+from dataio.sequence import SequenceBatch
 from dataio.data import (  # the same class-folder, label and split spellings as image data
     _CLASS_RE, _LABEL_WORDS as _LABELS, _SPLIT_ALIASES, IMAGE_EXTENSIONS, SPLITS, DataError, DataIndex, Sample,
     cap_split, csv_label_split, data_digest, split_samples,

@@ -87,7 +87,8 @@ def crosseval(sources: list[Source], datasets: list[str], opts: EvalOptions, out
     """Score every source on every dataset; write the long table, the AUC matrix and the heatmap page.
     face_crops: per data set none | mtcnn | None (what each run trained with)."""
     from dataio.data import DataError
-    from training.eval_only import load_trained_model, with_face_crop
+    from evaluation.scoring import with_face_crop
+    from models.build import load_trained_model
 
     out_dir = Path(out_dir)
     (out_dir / "predictions").mkdir(parents=True, exist_ok=True)

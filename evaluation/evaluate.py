@@ -31,13 +31,15 @@ import pandas as pd
 
 from evaluation.robustness import DEFAULT_PERTURBATIONS, Perturbation
 from evaluation.tta import FLIP, NO_TTA, TTASpec
-from training.eval_only import ScoredData, dataset_name, load_trained_model, score_samples, with_face_crop
-from training.eval_only import score_dataset as _score_dataset
+from evaluation.scoring import ScoredData, dataset_name, score_samples, with_face_crop
+from evaluation.scoring import score_dataset as _score_dataset
+from models.build import load_trained_model
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class EvaluateError(ValueError):
+class EvaluateError(UserError):
     """Bad input for an evaluation (unknown run, missing data, empty split); one line."""
 
 
@@ -153,7 +155,7 @@ def run_file(source: Source, trained, rel: str, dst: Path) -> Path | None:
 # ------------------------------------------------------------------------------ scoring
 def score_dataset(trained, data_dir: str | Path, opts: EvalOptions, split: str | None = None,
                   mc_dropout: int | None = None) -> ScoredData:
-    """training.eval_only.score_dataset with the options' split, cap, TTA, MC passes and batch settings."""
+    """evaluation.scoring.score_dataset with the options' split, cap, TTA, MC passes and batch settings."""
     return _score_dataset(trained, data_dir, split=split or opts.split, max_images=opts.max_images, tta=opts.tta,
                           mc_dropout=opts.mc_dropout if mc_dropout is None else mc_dropout, seed=opts.seed,
                           batch_size=opts.batch_size, num_workers=opts.num_workers)
@@ -254,8 +256,8 @@ def evaluate(source: Source, data_dir: str | Path, opts: EvalOptions, out_dir: s
 
 # ------------------------------------------------------------------------------ MLflow
 def log_evaluation(outcome: EvalOutcome, opts: EvalOptions, experiment_name: str,
-                   tracking_uri: str | None = None) -> str:
-    """Log metrics, params, the data set and the output folder to a run named `evaluation`: a child of the
+                   tracking_uri: str | None = None, run_name: str = "evaluation") -> str:
+    """Log metrics, params, the data set and the output folder to a run named `run_name`: a child of the
     source run when it is in this store (tag mlflow.parentRunId), else top-level in `experiment_name`."""
     import mlflow
 
@@ -272,7 +274,7 @@ def log_evaluation(outcome: EvalOutcome, opts: EvalOptions, experiment_name: str
     else:
         exp_id = configure_mlflow(TrackingConfig(tracking_uri=tracking_uri, experiment_name=experiment_name))
         kwargs = {}
-    with mlflow.start_run(run_name="evaluation", experiment_id=exp_id, tags=tags, **kwargs) as run:
+    with mlflow.start_run(run_name=run_name, experiment_id=exp_id, tags=tags, **kwargs) as run:
         mlflow.log_params({**opts.params(), "data_dir": outcome.data.data_dir, "checkpoint": source.checkpoint,
                            "n_images": len(outcome.data.table)})
         mlflow.log_metrics({k: v for k, v in outcome.metrics.items() if pd.notna(v)})
@@ -281,6 +283,42 @@ def log_evaluation(outcome: EvalOutcome, opts: EvalOptions, experiment_name: str
         mlflow.log_artifacts(str(outcome.out_dir))
     outcome.mlflow_run_id = run.info.run_id
     return run.info.run_id
+
+
+def evaluate_config(cfg) -> EvalOutcome:
+    """The training CLI's `--eval_only`: evaluate train.checkpoint on data.data_dir (the demo set when unset),
+    all splits, with the Config's TTA, batch, device, AMP and tracking settings. The same path as
+    `python -m evaluation.evaluate --checkpoint`."""
+    import mlflow
+
+    from core.tracking import resolve_tracking_uri
+    from dataio.pipeline import data_config
+
+    t = cfg.train
+    data_dir = str(data_config(cfg).data_dir)
+    opts = EvalOptions(tta=FLIP if t.use_tta else NO_TTA, batch_size=cfg.data.batch_size,
+                       num_workers=cfg.data.num_workers, seed=t.seed)
+    mlflow.set_tracking_uri(resolve_tracking_uri(cfg.tracking))  # finds the checkpoint's run to nest under
+    source = resolve_source(checkpoint=t.checkpoint)
+    out_dir = Path(t.output_dir) / "evaluations" / f"{Path(t.checkpoint).parent.name[:12]}-{dataset_name(data_dir)}-" \
+        f"{time.strftime('%Y%m%d-%H%M%S')}"
+    outcome = evaluate(source, data_dir, opts, out_dir, device=t.device, use_amp=t.use_amp)
+    if cfg.tracking.enabled:
+        log_evaluation(outcome, opts, cfg.tracking.experiment_name, cfg.tracking.tracking_uri,
+                       run_name=cfg.tracking.run_name or "evaluation")
+    return outcome
+
+
+def print_summary(outcome: EvalOutcome) -> None:
+    """What the CLIs print at the end of an evaluation."""
+    m = outcome.metrics
+    print(f"{outcome.data.name}: n={len(outcome.data.table)} auc={m.get('test_auc', float('nan')):.4f} "
+          f"ap={m.get('test_ap', float('nan')):.4f} eer={m.get('test_eer', float('nan')):.4f} "
+          f"(thresholds: {outcome.val_provenance})")
+    print(f"dashboard: {outcome.files['dashboard_html']}")
+    if outcome.mlflow_run_id:
+        parent = outcome.source.run_id
+        print(f"mlflow run `evaluation`: {outcome.mlflow_run_id}" + (f" (child of run {parent})" if parent else ""))
 
 
 # ------------------------------------------------------------------------------ CLI
@@ -340,9 +378,8 @@ def one_face_crop(values: list[str] | None) -> str | None:
 
 
 def is_bad_input(e: Exception) -> bool:
-    from training.train_unified import is_user_error
-
-    return isinstance(e, EvaluateError) or is_user_error(e)
+    """Bad input (a core.errors.UserError: config, names, data, checkpoint, metrics, offline weights)."""
+    return isinstance(e, UserError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -391,14 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
-    m = outcome.metrics
-    print(f"{outcome.data.name}: n={len(outcome.data.table)} auc={m.get('test_auc', float('nan')):.4f} "
-          f"ap={m.get('test_ap', float('nan')):.4f} eer={m.get('test_eer', float('nan')):.4f} "
-          f"(thresholds: {outcome.val_provenance})")
-    print(f"dashboard: {outcome.files['dashboard_html']}")
-    if outcome.mlflow_run_id:
-        parent = outcome.source.run_id
-        print(f"mlflow run `evaluation`: {outcome.mlflow_run_id}" + (f" (child of run {parent})" if parent else ""))
+    print_summary(outcome)
     return 0
 
 

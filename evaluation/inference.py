@@ -10,46 +10,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from core.device import to_device
 from evaluation.tta import TTASpec, as_spec, average_views
-from core.config import ConfigError
-
-
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda if available, else mps, else cpu; an explicit unavailable device is an error."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is visible; use --device auto or cpu")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError("train.device=mps but MPS is not available; use --device auto or cpu")
-    return torch.device(name)
-
-
-def autocast_factory(device: torch.device, enabled: bool) -> Callable[[], contextlib.AbstractContextManager]:
-    """Chosen once: fp16 autocast on CUDA (with a GradScaler), bf16 on CPU (AMX), nothing when disabled."""
-    if not enabled:
-        return contextlib.nullcontext
-    dtype = torch.float16 if device.type in ("cuda", "mps") else torch.bfloat16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    x = x.to(device, non_blocking=device.type == "cuda")
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
-
-
-def logit_score(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logit, score) per sample: 1 output -> (z, sigmoid z); 2 outputs -> (z1 - z0, softmax[:, 1])."""
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        z = logits[:, 0]
-        return z, torch.sigmoid(z)
-    z = logits[:, 1] - logits[:, 0]
-    return z, torch.sigmoid(z)  # softmax over two logits == sigmoid of their difference
+from models.outputs import logit_score
 
 
 @dataclass

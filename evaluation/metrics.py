@@ -25,6 +25,7 @@ from sklearn.metrics import (
     roc_auc_score,
     roc_curve,
 )
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ N_BINS = 15
 _BOOT_CELLS = 4_000_000  # resamples x samples held in memory at once by bootstrap_ci
 
 
-class MetricError(ValueError):
+class MetricError(UserError):
     """A metric cannot be computed from this input (one class only, NaN scores, ...)."""
 
 

@@ -136,11 +136,11 @@ def score_robustness(trained, samples: list, *, tta: Any = False,
                      perturbations: Sequence[Perturbation] = DEFAULT_PERTURBATIONS, max_images: int | None = 2000,
                      seed: int = 0, batch_size: int = 64, num_workers: int = 2,
                      clean: pd.DataFrame | None = None) -> pd.DataFrame:
-    """robustness_table for a training.eval_only.TrainedModel on (a stratified cap of) `samples`, scored
+    """robustness_table for a models.build.TrainedModel on (a stratified cap of) `samples`, scored
     like the evaluation (same TTA, no MC-dropout). `clean`: that evaluation's predictions, reused when
     no cap applies."""
     from dataio.data import cap_split
-    from training.eval_only import score_samples
+    from evaluation.scoring import score_samples
 
     if max_images and len(samples) > max_images:
         samples, clean = cap_split(samples, max_images, seed), None

@@ -22,6 +22,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from models.outputs import fake_prob, logits_from_prob
+
 Space = Literal["logit", "prob"]
 SPACES: tuple[str, ...] = ("logit", "prob")
 CROP_FRACTION = 0.9
@@ -31,7 +33,6 @@ CORNERS = {"center": (0.5, 0.5), "top_left": (0.0, 0.0), "top_right": (0.0, 1.0)
 GROUPS = ("flip", "crop", "scale")
 _ALIASES = {"flip": "flip", "hflip": "flip", "crop": "crop", "crops": "crop", "multicrop": "crop",
             "five_crop": "crop", "scale": "scale", "scales": "scale", "multiscale": "scale", "zoom": "scale"}
-_EPS = 1e-7
 
 
 @dataclass(frozen=True)
@@ -141,20 +142,8 @@ def as_spec(tta: "bool | TTASpec | None") -> TTASpec:
 
 
 # ------------------------------------------------------------------------------ averaging
-def fake_logit(outputs: torch.Tensor) -> torch.Tensor:
-    """Raw outputs (..., K) -> logit of "fake" (...): z for 1 output, z1 - z0 for 2."""
-    return outputs[..., 0] if outputs.shape[-1] == 1 else outputs[..., 1] - outputs[..., 0]
-
-
-def logits_from_prob(p: torch.Tensor, num_outputs: int) -> torch.Tensor:
-    """P(fake) (B,) -> raw outputs (B, K) whose sigmoid (K=1) or softmax[:, 1] (K=2) is p (clipped to 1e-7)."""
-    q = p.double().clamp(_EPS, 1 - _EPS)
-    z = (torch.log(q) - torch.log1p(-q)).to(torch.float32)
-    return z[:, None] if num_outputs == 1 else torch.stack([torch.zeros_like(z), z], dim=1)
-
-
 def average_views(outputs: torch.Tensor, space: Space = "logit") -> torch.Tensor:
     """(V, B, K) raw outputs of V views -> (B, K) raw outputs of the averaged prediction."""
     if space == "logit" or outputs.shape[0] == 1:
         return outputs.mean(dim=0)
-    return logits_from_prob(torch.sigmoid(fake_logit(outputs.float())).mean(dim=0), outputs.shape[-1])
+    return logits_from_prob(fake_prob(outputs).mean(dim=0), outputs.shape[-1])

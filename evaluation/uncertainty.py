@@ -20,7 +20,7 @@ from numpy.typing import ArrayLike
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from evaluation.tta import fake_logit, logits_from_prob
+from models.outputs import fake_prob, logits_from_prob
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def head_only_dropout(model: nn.Module) -> bool:
 
 def mc_average(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(P, B, K) raw outputs of P passes -> ((B, K) raw outputs of the mean P(fake), (B,) std of P(fake))."""
-    p = torch.sigmoid(fake_logit(outputs.float()))
+    p = fake_prob(outputs)
     return logits_from_prob(p.mean(dim=0), outputs.shape[-1]), p.std(dim=0, unbiased=False)
 
 

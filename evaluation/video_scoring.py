@@ -33,7 +33,8 @@ from evaluation.metrics import MetricError, binary_metrics
 from models.video import DualStreamDetector
 from dataio.data import _CLASS_RE, _LABEL_WORDS, Sample
 from dataio.loaders import ImageDataset, collate_drop_none
-from evaluation.inference import predict, resolve_device
+from core.device import resolve_device
+from evaluation.inference import predict
 from dataio.video_data import (
     VideoClipDataset, VideoSettings, collate_clips, find_videos, frame_samples, list_frames, read_pairs,
 )
@@ -47,24 +48,10 @@ REPORTED = ("auc", "ap", "eer", "accuracy", "precision", "recall", "f1", "log_lo
 # ------------------------------------------------------------------------------ model
 def load_model(checkpoint: str | Path) -> tuple[torch.nn.Module, Any]:
     """(model in eval mode on CPU, its training Config) rebuilt from a checkpoint; no weights download."""
-    from models.video import create_dual_stream
-    from core.checkpoints import load_checkpoint
-    from core.config import Config
+    from models.build import load_trained_model
 
-    ckpt = load_checkpoint(checkpoint)
-    if "config" not in ckpt:
-        raise ValueError(f"{checkpoint} has no config; score with a checkpoint written by train(cfg)")
-    cfg = Config.model_validate(ckpt["config"])
-    model_cfg = cfg.model.model_copy(update={"pretrained": False, "pretrained_path": None})
-    if cfg.model.model_type == "dual_stream":
-        model = create_dual_stream(model_cfg, cfg.loss.num_outputs, image_size=cfg.data.image_size,
-                                   lq_size=VideoSettings.from_config(cfg).lq_size)
-    else:
-        from models import create_detector
-
-        model = create_detector(model_cfg, cfg.loss.num_outputs, image_size=cfg.data.image_size)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg
+    trained = load_trained_model(checkpoint, "cpu")
+    return trained.model.to(memory_format=torch.contiguous_format), trained.config
 
 
 # ------------------------------------------------------------------------------ which videos

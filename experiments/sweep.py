@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from experiments import sweep_report as report
 from experiments.search_space import SweepSpec, load_sweep
 from experiments.study import Heartbeat, best_trial, default_storage, make_storage, open_study, study_figures
-from core.config import ConfigError
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 TrainFn = Callable[..., Any]
@@ -324,13 +324,12 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from core.config import parse_set
-    from dataio.data import DataError
 
     try:
         result = run_sweep(a.sweep, n_trials=a.n_trials, timeout=a.timeout, study_name=a.study_name, storage=a.storage,
                            n_workers=a.n_workers, overrides=parse_set(a.sets), metric=a.metric, direction=a.direction,
                            sampler=a.sampler, pruner=a.pruner, seed=a.seed)
-    except (ConfigError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"\nstudy {result.study_name} ({result.storage}): {result.n_trials_run} trials run now; top {len(result.top)}:")

@@ -20,6 +20,7 @@ from typing import Iterator, Literal, Optional
 
 import torch
 from torch import Tensor, nn
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ HINT = "pass --pretrained_path FILE or --no-pretrained"
 CHECKPOINT_KEYS = ("model", "state_dict", "model_state_dict")  # where training checkpoints keep weights
 
 
-class PretrainedUnavailable(ValueError):
+class PretrainedUnavailable(UserError):
     """Requested pretrained weights cannot be had (offline hub, no weights); the message is one line."""
 
 

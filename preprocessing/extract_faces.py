@@ -29,7 +29,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from preprocessing.faces import Border, FaceDetector, crop_face, pick_face
-from dataio.data import _CLASS_RE, IMAGE_EXTENSIONS  # the class-folder spelling and photo types of training data
+from core.naming import CLASS_RE as _CLASS_RE, IMAGE_EXTENSIONS  # the class-folder spelling and photo types of training data
 
 log = logging.getLogger(__name__)
 

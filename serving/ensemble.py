@@ -31,8 +31,9 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from evaluation.calibration import fit_temperature, logits_from_scores, sigmoid
-from evaluation.metrics import MetricError, binary_metrics, bootstrap_ci
+from evaluation.metrics import binary_metrics, bootstrap_ci
 from serving.pyfunc_model import combine_scores, reduce_reference
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ REPORTED = ("auc", "ap", "log_loss", "ece", "accuracy", "eer")
 _EPS = 1e-7
 
 
-class EnsembleError(ValueError):
+class EnsembleError(UserError):
     """Bad selection or incompatible runs; one line saying what to change."""
 
 
@@ -355,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         r = run_ensemble(experiment=a.experiment, study=a.study, run_ids=a.runs, top=a.top, metric=a.metric,
                          method=a.method, calibrate=a.calibrate, log_model=not a.no_model, out_dir=a.out,
                          n_boot=a.n_boot)
-    except (EnsembleError, MetricError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     cols = ["weight", "temperature", "test_auc", "test_auc_ci_low", "test_auc_ci_high", "test_log_loss", "test_ece"]

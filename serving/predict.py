@@ -21,13 +21,14 @@ from typing import Sequence
 
 import numpy as np
 import pandas as pd
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
 CLASS_DIR = re.compile(r"^(?:\d+[_-])?(real|fake)$", re.IGNORECASE)
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """Bad input (no images, unknown model reference); one line."""
 
 
@@ -198,14 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which an image is fake")
     p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     a = p.parse_args(argv)
-    from core.checkpoints import CheckpointError
     from core.tracking import setup_cli
 
     setup_cli(a.tracking_uri)
     try:
         paths = collect_images(a.input)
         df, skipped = score_images(load_scorer(a.model, a.run, a.checkpoint), paths, a.batch_size, a.threshold)
-    except (PredictError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(a.out)

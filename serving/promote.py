@@ -25,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from evaluation.metrics import MetricError, binary_metrics, bootstrap_distribution
+from core.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 VERSION_METRICS = ("auc", "ap", "ece", "log_loss", "accuracy", "eer")
 
 
-class PromotionError(ValueError):
+class PromotionError(UserError):
     """A run or registry state that cannot be promoted; one line saying what to fix."""
 
 
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(a.tracking_uri)
     try:
         r = promote(a.run, a.name, a.margin, a.force, a.metric)
-    except (PromotionError, MetricError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{r.model_name} v{r.version} (run {r.run_id}) is {CHALLENGER}"

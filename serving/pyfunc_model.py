@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from evaluation.calibration import sigmoid
+from models.outputs import fake_logit
 from core.config import REPO_ROOT
 
 log = logging.getLogger(__name__)
@@ -159,18 +160,11 @@ class _Member:
 
     def __init__(self, checkpoint_file: str, device: torch.device) -> None:
         from augmentation.policies import build_transform
-        from models import create_detector
-        from core.config import Config
         from dataio.loaders import decode_size
+        from models.build import load_trained_model
 
-        ckpt = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or "config" not in ckpt:
-            raise ValueError(f"{checkpoint_file} holds no 'config'; a training checkpoint (best.pt) is needed")
-        cfg = Config.model_validate(ckpt["config"])
-        model_cfg = cfg.model.model_copy(update={"pretrained": False, "pretrained_path": None})
-        self.net = create_detector(model_cfg, cfg.loss.num_outputs, image_size=cfg.data.image_size)
-        self.net.load_state_dict(ckpt["model"])
-        self.net.to(device).eval()
+        trained = load_trained_model(checkpoint_file, device)
+        cfg, self.net = trained.config, trained.model
         dc = self.net.data_config
         self.transform = build_transform("none", cfg.data.image_size, dc["mean"], dc["std"], train=False,
                                          center_crop=cfg.data.center_crop)
@@ -183,8 +177,7 @@ class _Member:
         out = self.net(x).float()
         if self.tta:  # as evaluation.inference.predict: mean of original and flipped logits
             out = (out + self.net(torch.flip(x, dims=[3])).float()) / 2
-        z = out[:, 0] if out.shape[1] == 1 else out[:, 1] - out[:, 0]
-        return z.cpu().numpy().astype(np.float64)
+        return fake_logit(out).cpu().numpy().astype(np.float64)
 
 
 class ImageEnsembleModel(mlflow.pyfunc.PythonModel):

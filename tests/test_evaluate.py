@@ -12,7 +12,8 @@ import pytest
 from evaluation import crosseval as crosseval_cli
 from evaluation import evaluate as evaluate_cli
 from evaluation.evaluate import EvalOptions, Source
-from training.eval_only import load_trained_model, score_dataset
+from evaluation.scoring import score_dataset
+from models.build import load_trained_model
 from test_robustness import subset_csv, tiny_checkpoint
 
 

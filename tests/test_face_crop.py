@@ -134,7 +134,8 @@ def test_evaluation_face_crop_per_dataset(shared_data: Path, tmp_path: Path, mon
     """crosseval --face_crop none mtcnn: each data set read as asked; the table still names the original files."""
     from evaluation import crosseval as crosseval_cli
     from test_robustness import subset_csv, tiny_checkpoint
-    from training.eval_only import load_trained_model, with_face_crop
+    from evaluation.scoring import with_face_crop
+    from models.build import load_trained_model
 
     monkeypatch.setenv("DFSWEEP_FACE_CACHE", str(tmp_path / "cache"))
     ckpt = tiny_checkpoint(tmp_path / "m" / "best.pt")

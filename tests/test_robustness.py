@@ -19,7 +19,8 @@ from core.checkpoints import atomic_save
 from core.config import load_config
 from dataio.loaders import load_rgb
 from evaluation.metrics import binary_metrics
-from training.eval_only import load_trained_model, score_dataset, score_samples
+from evaluation.scoring import score_dataset, score_samples
+from models.build import load_trained_model
 
 
 def tiny_checkpoint(path: Path, seed: int = 0, dropout: float = 0.0) -> Path:

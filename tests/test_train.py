@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from core.checkpoints import load_checkpoint
-from core.config import REPO_ROOT, load_config
+from core.config import REPO_ROOT, ConfigError, load_config
+from evaluation.evaluate import evaluate_config
+from training import train_unified
 from training.trainer import NonFiniteLossError, train
 
 TINY = {
@@ -105,14 +107,23 @@ def test_nan_loss_raises_clear_error(tmp_path: Path) -> None:
                                     "tracking.enabled": False}))
 
 
-def test_eval_only_scores_another_dataset(tmp_path: Path) -> None:
+def test_eval_only_scores_another_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """--eval_only is the evaluation path: a run `evaluation` nested under the checkpoint's run."""
     first = train(tiny_cfg(tmp_path, **{"train.num_epochs": 1, "tracking.log_model": False}))
     cfg = tiny_cfg(tmp_path, **{"train.eval_only": True, "train.checkpoint": str(first.output_dir / "best.pt"),
                                 "train.use_tta": True})
-    result = train(cfg)
-    assert result.status == "EVALUATED" and 0.0 <= result.test_metrics["test_auc"] <= 1.0
+    outcome = evaluate_config(cfg)
+    assert 0.0 <= outcome.metrics["test_auc"] <= 1.0 and outcome.source.run_id == first.run_id
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert mlflow.get_run(result.run_id).data.tags["source_run_id"] == first.run_id
+    run = mlflow.get_run(outcome.mlflow_run_id)
+    assert run.data.tags["source_run_id"] == first.run_id and run.data.tags["mlflow.parentRunId"] == first.run_id
+    assert run.data.params["tta"] == "flip: 2 views, logit"
+    with pytest.raises(ConfigError, match="--eval_only"):  # train(cfg) trains; evaluation has one path
+        train(cfg)
+    args = ["--eval_only", "--checkpoint", str(first.output_dir / "best.pt"), "--num_workers", "0", "--no_tracking",
+            "--output_dir", str(tmp_path / "cli")]
+    assert train_unified.main(args) == 0
+    assert "auc=" in capsys.readouterr().out
 
 
 @pytest.mark.slow

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from evaluation import uncertainty
-from evaluation.tta import FLIP, NO_TTA, View, average_views, logits_from_prob, parse_tta
+from evaluation.tta import FLIP, NO_TTA, View, average_views, parse_tta
+from models.outputs import logits_from_prob
 from models import create_detector
 from core.config import load_config
 from dataio.data import Sample

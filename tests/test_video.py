@@ -19,7 +19,8 @@ from models.video import (
 from core.config import load_config
 from dataio.data import DataError
 from training.freezing import apply_freeze
-from evaluation.inference import predict, predictions_table, to_device
+from core.device import to_device
+from evaluation.inference import predict, predictions_table
 from dataio.loaders import reseed_epoch
 from training.losses import create_loss
 from training.optim import build_optimizer

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -10,12 +12,25 @@ import pandas as pd
 
 from core.checkpoints import load_checkpoint
 from core.config import VAL_METRICS, Config
+from models.outputs import ScoreModel
 
 if TYPE_CHECKING:
-    from training.trainer import Trainer, TrainResult
+    from training.trainer import Trainer
     from core.tracking import RunTracker
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    run_id: str | None
+    status: str  # COMPLETE | EARLY_STOPPED
+    best_metric: float
+    best_epoch: int
+    epochs_run: int
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    test_metrics: dict[str, float] = field(default_factory=dict)
+    output_dir: Path = Path(".")
 
 
 def start_tags(cfg: Config, index) -> dict[str, str]:
@@ -53,8 +68,6 @@ def run_report(val_table: pd.DataFrame | None, test_table: pd.DataFrame | None, 
 
 def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "TrainResult":
     """Load the best weights, score the test split, write and log everything the run keeps."""
-    from training.trainer import TrainResult, copy_atomic
-
     cfg, run_dir = trainer.cfg, trainer.run_dir
     best_path = run_dir / "best.pt"
     if best_path.exists():
@@ -99,7 +112,7 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
     tracker.log_artifacts(run_dir / "evaluation", "evaluation")
     if cfg.tracking.log_checkpoint and best_path.exists():
         tracker.log_artifacts(best_path, "checkpoints")
-    tracker.log_model(trainer.eval_model, cfg.data.image_size)
+    tracker.log_model(ScoreModel(trainer.eval_model), cfg.data.image_size)
     tracker.set_tags({"run_status": status, "run_dir": str(run_dir.resolve())})
     log.info("event=run_end status=%s best_epoch=%d best_%s=%.4f %s", status, trainer.best_epoch,
              cfg.train.monitor, trainer.best_metric, " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()))
@@ -108,3 +121,10 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
         epochs_run=len(trainer.history), val_metrics=dict(trainer.best_val_metrics), test_metrics=test_metrics,
         output_dir=run_dir,
     )
+
+
+def copy_atomic(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.copyfile(src, tmp)
+    tmp.replace(dst)

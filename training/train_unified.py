@@ -102,6 +102,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     from core.config import load_config, parse_set
+    from core.errors import UserError, error_line
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -110,30 +111,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {**parse_set(args.set), **overrides_from_args(args)}
         cfg = load_config(args.config, overrides, override_source="command line")
+        if cfg.train.eval_only:  # the evaluation path (python -m evaluation.evaluate --checkpoint ...)
+            from evaluation.evaluate import evaluate_config, print_summary
+
+            print_summary(evaluate_config(cfg))
+            return 0
         from training.trainer import train
 
         result = train(cfg)
     except KeyboardInterrupt:
         print("interrupted: the last completed epoch is saved; continue with --resume <output_dir>/<run>/last.pt", file=sys.stderr)
         return 130
-    except Exception as e:  # user-facing errors: one line, exit 2
-        if not is_user_error(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # bad input (config, names, data, checkpoint, offline weights): one line, exit 2
+        print(error_line(e), file=sys.stderr)
         return 2
     report(result, cfg)
     return 0
-
-
-def is_user_error(e: Exception) -> bool:
-    """Bad input (config, data, checkpoint, names, offline weights) rather than a bug."""
-    from core.checkpoints import CheckpointError
-    from core.config import ConfigError
-    from core.registry import UnknownNameError
-
-    names = {"DataError", "PretrainedUnavailable", "MetricError"}
-    return isinstance(e, (ConfigError, CheckpointError, UnknownNameError)) or type(e).__name__ in names or any(
-        c.__name__ in names for c in type(e).__mro__)
 
 
 def report(result, cfg) -> None:

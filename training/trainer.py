@@ -11,10 +11,8 @@ import itertools
 import logging
 import math
 import random
-import shutil
 import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -25,25 +23,19 @@ from tqdm.auto import tqdm
 
 from core.checkpoints import atomic_save, load_checkpoint, model_state
 from core.config import Config, save_config
-from evaluation.inference import Predictions, autocast_factory, predict, predictions_table, resolve_device, to_device
+from core.errors import ConfigError
+from core.device import autocast_factory, resolve_device, to_device
+from dataio.pipeline import data_config, make_loaders, scan_data
+from evaluation.inference import predict, predictions_table
+from evaluation.scoring import split_metrics
+from models.build import build_model
+from training.run_io import TrainResult, finish_run, index_table, start_tags
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-@dataclass
-class TrainResult:
-    run_id: str | None
-    status: str  # COMPLETE | EARLY_STOPPED | EVALUATED
-    best_metric: float
-    best_epoch: int
-    epochs_run: int
-    val_metrics: dict[str, float] = field(default_factory=dict)
-    test_metrics: dict[str, float] = field(default_factory=dict)
-    output_dir: Path = Path(".")
 
 
 def seed_everything(seed: int) -> None:
@@ -69,26 +61,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
-    return {f"{prefix}_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-
-
-def split_metrics(prefix: str, preds: Predictions) -> dict[str, float]:
-    """val_/test_ metrics for one split: loss + evaluation.metrics.binary_metrics."""
-    from evaluation.metrics import binary_metrics
-
-    out = _prefixed(prefix, binary_metrics(preds.labels, preds.scores))
-    if math.isfinite(preds.loss):
-        out[f"{prefix}_loss"] = preds.loss
-    return out
-
-
 class Trainer:
     """Holds the objects one run needs; `fit()` runs the loop. Built by `train(cfg)`."""
 
     def __init__(self, cfg: Config, index, run_dir: Path) -> None:
         from dataio.data import pos_weight
-        from dataio.loaders import build_loaders
         from training.losses import build_mixup, create_loss
         from training.optim import build_optimizer, build_scheduler, updates_per_epoch
 
@@ -114,9 +91,7 @@ class Trainer:
             self.ema = ModelEmaV3(self.model, decay=t.ema_decay)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         dc = self.model.data_config
-        if cfg.model.is_video:
-            from dataio.video_data import build_video_loaders as build_loaders  # noqa: F811
-        self.loaders = build_loaders(index, cfg, dc["mean"], dc["std"], device_type=self.device.type)
+        self.loaders = make_loaders(index, cfg, dc["mean"], dc["std"], device_type=self.device.type)
         from training.extra_val import build_extra_sets
 
         self.extra_sets = build_extra_sets(cfg, dc["mean"], dc["std"], self.device.type)
@@ -317,52 +292,16 @@ class Trainer:
         return "COMPLETE"
 
 
-def build_model(cfg: Config, pretrained: bool | None = None) -> torch.nn.Module:
-    """The detector the config describes: an image Detector, or the dual-stream video model."""
-    model_cfg = cfg.model if pretrained is None else cfg.model.model_copy(update={"pretrained": pretrained})
-    if cfg.model.is_video:
-        from models.video import create_dual_stream
-
-        return create_dual_stream(model_cfg, cfg.loss.num_outputs, image_size=cfg.data.image_size, lq_size=cfg.data.lq_size)
-    from models import create_detector
-
-    return create_detector(model_cfg, cfg.loss.num_outputs, image_size=cfg.data.image_size)
-
-
-def scan_data(cfg: Config):
-    """Scan the configured data once: image folders/CSV, or videos (folders of frames) for dual_stream."""
-    data_cfg = default_data_cfg(cfg)
-    if cfg.model.is_video:
-        from dataio.video_data import scan_videos
-
-        return scan_videos(data_cfg, cfg.train.seed)
-    from dataio.data import scan
-
-    return scan(data_cfg, cfg.train.seed)
-
-
-def default_data_cfg(cfg: Config):
-    """data.data_dir, or the generated demo set when none is given."""
-    if cfg.data.data_dir:
-        return cfg.data
-    from dataio.demo_data import ensure_demo_data
-
-    return cfg.data.model_copy(update={"data_dir": str(ensure_demo_data())})
-
-
 def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, float]], None] | None = None) -> TrainResult:
-    """Train (or with train.eval_only, evaluate) one model as configured; everything lands in MLflow."""
-    from training.run_io import finish_run, index_table, start_tags
-
+    """Train one model as configured; everything lands in MLflow."""
     if cfg.train.eval_only:
-        from training.eval_only import evaluate_checkpoint
-
-        return evaluate_checkpoint(cfg, index=index)
+        raise ConfigError("train.eval_only evaluates a checkpoint: use the training CLI's --eval_only or "
+                          "evaluation.evaluate.evaluate_config(cfg)")
     resume = load_checkpoint(cfg.train.resume) if cfg.train.resume else None
     if resume is not None:
         resumed_cfg = Config.model_validate(resume["config"])
         cfg = resumed_cfg.with_overrides({"train.resume": cfg.train.resume}, "--resume")
-    data_cfg = default_data_cfg(cfg)
+    data_cfg = data_config(cfg)
     if index is None:
         index = scan_data(cfg)
     from core.tracking import RunTracker
@@ -391,10 +330,3 @@ def trainer_params(trainer: Trainer) -> dict[str, object]:
     return {"params_total": sum(p.numel() for p in trainer.model.parameters()), "device": trainer.device.type,
             "channels_last": trainer.channels_last, "updates_per_epoch": trainer.updates_per_epoch,
             "effective_batch_size": trainer.cfg.data.batch_size * trainer.cfg.optim.gradient_accumulation}
-
-
-def copy_atomic(src: Path, dst: Path) -> None:
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
