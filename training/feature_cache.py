@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from core.config import Config
-from evaluation.inference import to_device
+from core.device import to_device
 
 log = logging.getLogger(__name__)
 
