@@ -128,29 +128,45 @@ def _cut(rgb: np.ndarray, rec: dict, size: int) -> np.ndarray:
     return cv2.resize(crop, (size, size), interpolation=interp)
 
 
+def _write(folder: Path, key: str, rgb: np.ndarray, rec: dict, size: int) -> None:
+    _save_png(folder / f"{key}.png", _cut(rgb, rec, size))
+    h, w = rgb.shape[:2]
+    _atomic_write_bytes(folder / f"{key}.json", json.dumps({**rec, "width": w, "height": h}).encode())
+
+
 def _detect_missing(todo: list[tuple[str, str]], folder: Path, settings: FaceCropSettings, detector: Detector,
-                    batch_size: int) -> None:
-    """Detect, crop and write the (path, file key) pairs in `todo` (same-size images batched together)."""
-    images = {p: read_rgb(p) for p, _ in todo}
-    found: dict[str, dict | None] = {}
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    for p, _ in todo:
-        by_shape.setdefault(images[p].shape, []).append(p)
-    for paths in by_shape.values():
-        for i in range(0, len(paths), batch_size):
-            chunk = paths[i:i + batch_size]
-            results = detector.detect_landmarks(np.stack([images[p] for p in chunk]))
-            for p, (boxes, scores, points) in zip(chunk, results):
-                found[p] = _face_record(images[p], boxes, scores, points, settings)
-    sides = [(r["x2"] - r["x1"]) / min(images[p].shape[:2]) for p, r in found.items() if r is not None]
+                    batch_size: int, chunk: int = 256) -> None:
+    """Detect, crop and write the (path, file key) pairs in `todo`, `chunk` images in memory at a time
+    (same-size images batched together); images without a face are written last (their centred square
+    uses the median face-square ratio of the call)."""
+    from tqdm.auto import tqdm
+
+    sides: list[float] = []
+    no_face: list[tuple[str, str]] = []
+    bar = tqdm(total=len(todo), desc="MTCNN face crops", leave=False, disable=None)
+    for start in range(0, len(todo), chunk):
+        part = todo[start:start + chunk]
+        images = {p: read_rgb(p) for p, _ in part}
+        by_shape: dict[tuple[int, ...], list[tuple[str, str]]] = {}
+        for p, k in part:
+            by_shape.setdefault(images[p].shape, []).append((p, k))
+        for group in by_shape.values():
+            for i in range(0, len(group), batch_size):
+                batch = group[i:i + batch_size]
+                results = detector.detect_landmarks(np.stack([images[p] for p, _ in batch]))
+                for (p, k), (boxes, scores, points) in zip(batch, results):
+                    rec = _face_record(images[p], boxes, scores, points, settings)
+                    if rec is None:
+                        no_face.append((p, k))
+                        continue
+                    sides.append((rec["x2"] - rec["x1"]) / min(images[p].shape[:2]))
+                    _write(folder, k, images[p], rec, settings.size)
+        bar.update(len(part))
+    bar.close()
     ratio = float(np.median(sides)) if sides else 1.0
-    for p, key in todo:
-        rgb = images[p]
-        h, w = rgb.shape[:2]
-        rec = found[p] or _fallback_record(w, h, ratio)
-        _save_png(folder / f"{key}.png", _cut(rgb, rec, settings.size))
-        rec.update(width=w, height=h)
-        _atomic_write_bytes(folder / f"{key}.json", json.dumps(rec).encode())
+    for p, k in no_face:
+        rgb = read_rgb(p)
+        _write(folder, k, rgb, _fallback_record(rgb.shape[1], rgb.shape[0], ratio), settings.size)
 
 
 def face_crops(paths: Sequence[str], settings: FaceCropSettings = FaceCropSettings(),
