@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -351,7 +351,9 @@ def merge_file(data: dict[str, Any], path: str | Path) -> None:
             set_dotted(data, f"{section}.{k}", v, str(path))
 
 
-def validate(data: dict[str, Any], source: str) -> Config:
+def validate(data: dict[str, Any], source: str, origins: dict[str, str] | None = None) -> Config:
+    """Config from nested data; a bad value raises ConfigError naming the key and where it came from
+    (`origins[key]` when known, else `source`)."""
     try:
         return Config.model_validate(data)
     except ValidationError as e:
@@ -359,11 +361,54 @@ def validate(data: dict[str, Any], source: str) -> Config:
         key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        raise ConfigError(f"invalid value for '{key}' from {source}: {msg}{got}") from None
+        where = (origins or {}).get(key, source)
+        raise ConfigError(f"invalid value for '{key}' from {where}: {msg}{got}") from None
 
 
-def _model_type_of(data: dict[str, Any], overrides: dict[str, Any]) -> str:
-    return str(overrides.get("model.model_type") or data.get("model", {}).get("model_type", ""))
+Layer = tuple[dict[str, Any], str]  # (dotted key -> value, where it came from: "--set", "sweep.yaml base", ...)
+
+
+def compose(config_file: str | Path | None = None, layers: Sequence[Layer] = (),
+            defaults: Sequence[Layer] = ()) -> Config:
+    """The one way a Config is resolved (training CLI, sweeps, evaluation, tests):
+
+        default.yaml <- defaults <- configs/models/<model_type>.yaml <- config_file <- layers, in order
+
+    `layers` are the overrides (the CLI: `--set` then its flags; a sweep: `base:`, `--set`, a trial's params).
+    `defaults` are where a caller's defaults differ from default.yaml (a sweep: AMP on); everything after wins.
+    model_type is the one the finished stack names, so its own file (what its seed recipe implies, e.g.
+    xception: frozen backbone, 299 px) applies however it was chosen. Errors name the key and its source.
+    """
+    file_data: dict[str, Any] = {}
+    if config_file:
+        merge_file(file_data, config_file)
+    data: dict[str, Any] = {}
+    merge_file(data, DEFAULT_CONFIG)
+    sources = [str(DEFAULT_CONFIG.relative_to(REPO_ROOT))]
+    origins: dict[str, str] = {}  # key -> the override layer that set it last (for error messages)
+    for values, source in defaults:
+        for key, value in values.items():
+            set_dotted(data, key, value, source)
+        if values:
+            sources.append(source)
+    model_type = data.get("model", {}).get("model_type", "")
+    model_type = file_data.get("model", {}).get("model_type", model_type)
+    for values, _ in layers:
+        model_type = values.get("model.model_type", model_type)
+    model_file = MODEL_CONFIGS / f"{model_type}.yaml"
+    if model_type and model_file.is_file():
+        merge_file(data, model_file)
+        sources.append(str(model_file.relative_to(REPO_ROOT)))
+    if config_file:
+        merge_file(data, config_file)
+        sources.append(str(config_file))
+    for values, source in layers:
+        for key, value in values.items():
+            set_dotted(data, key, value, source)
+            origins[key] = source
+        if values:
+            sources.append(source)
+    return validate(data, " + ".join(sources), origins)
 
 
 def load_config(
@@ -371,29 +416,8 @@ def load_config(
     overrides: dict[str, Any] | None = None,
     override_source: str = "--set",
 ) -> Config:
-    """default.yaml <- configs/models/<model_type>.yaml (if any) <- config_file <- overrides -> Config.
-
-    A model's own file holds what its seed recipe implies (e.g. xception: frozen backbone, 299 px).
-    """
-    overrides = overrides or {}
-    file_data: dict[str, Any] = {}
-    if config_file:
-        merge_file(file_data, config_file)
-    data: dict[str, Any] = {}
-    merge_file(data, DEFAULT_CONFIG)
-    sources = [str(DEFAULT_CONFIG.relative_to(REPO_ROOT))]
-    model_file = MODEL_CONFIGS / f"{_model_type_of(file_data, overrides) or _model_type_of(data, {})}.yaml"
-    if model_file.is_file():
-        merge_file(data, model_file)
-        sources.append(str(model_file.relative_to(REPO_ROOT)))
-    if config_file:
-        merge_file(data, config_file)
-        sources.append(str(config_file))
-    for key, value in overrides.items():
-        set_dotted(data, key, value, override_source)
-    if overrides:
-        sources.append(override_source)
-    return validate(data, " + ".join(sources))
+    """compose() with one layer of overrides: default.yaml <- models/<model_type>.yaml <- config_file <- overrides."""
+    return compose(config_file, [(overrides or {}, override_source)])
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

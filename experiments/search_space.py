@@ -21,17 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from core.config import (
-    DEFAULT_CONFIG,
-    REPO_ROOT,
-    Config,
-    ConfigError,
-    known_keys,
-    merge_file,
-    read_yaml,
-    set_dotted,
-    validate,
-)
+from core.config import REPO_ROOT, Config, ConfigError, compose, known_keys, read_yaml, set_dotted
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +114,7 @@ class SweepSpec:
     study: StudySettings
     base: Config
     params: tuple[Param, ...]
+    recipe: "Recipe | None" = None  # how base was composed; a trial's params are composed on top of it
 
     def sample(self, trial: Suggester) -> dict[str, Any]:
         """Suggest every active param in file order (conditions see earlier params only)."""
@@ -134,8 +125,12 @@ class SweepSpec:
         return sampled
 
     def trial_config(self, params: dict[str, Any], extra: dict[str, Any] | None = None) -> Config:
-        """Base Config + a trial's params (+ extra overrides such as the output folder)."""
-        return self.base.with_overrides({**params, **(extra or {})}, f"trial params of {self.path}")
+        """Base Config + a trial's params (+ extra overrides such as the output folder), composed as the CLI
+        would: a swept model_type brings its own configs/models/<type>.yaml like --model_type does."""
+        trial = {**params, **(extra or {})}
+        if self.recipe is None:
+            return self.base.with_overrides(trial, f"trial params of {self.path}")
+        return self.recipe.compose((trial, f"trial params of {self.path}"))
 
     def grid_space(self) -> dict[str, list[Any]]:
         return {p.key: p.grid_values(self.path) for p in self.params}
@@ -167,8 +162,8 @@ def load_sweep(
         raise ConfigError(f"{path}: unknown top-level key '{sorted(unknown)[0]}' (expected study, config, base, space)")
     study = _parse_study(raw.get("study") or {}, path, study_overrides or {})
     params = _parse_space(raw.get("space"), path)
-    base = _build_base(raw, path, study, overrides or {}, {p.key for p in params})
-    spec = SweepSpec(path=path, study=study, base=base, params=params)
+    recipe = _recipe(raw, path, study, overrides or {}, {p.key for p in params})
+    spec = SweepSpec(path=path, study=study, base=recipe.compose(), params=params, recipe=recipe)
     _probe(spec)
     if study.sampler == "grid":
         spec.grid_space()  # fails early on a float without step
@@ -345,31 +340,37 @@ def _flat_base(raw: Any, path: Path) -> dict[str, Any]:
     return out
 
 
-def _build_base(raw: dict[str, Any], path: Path, study: StudySettings, cli: dict[str, Any], swept: set[str]) -> Config:
-    """default.yaml <- SWEEP_DEFAULTS <- config preset <- base <- --set; train.monitor/monitor_mode from the study."""
-    data: dict[str, Any] = {}
-    merge_file(data, DEFAULT_CONFIG)
-    for key, value in SWEEP_DEFAULTS.items():  # where a sweep differs from one run; preset, base, --set win
-        set_dotted(data, key, value, "sweep defaults")
-    sources = ["experiments/configs/default.yaml + sweep defaults"]
-    if raw.get("config"):
-        preset = _find_preset(str(raw["config"]), path)
-        merge_file(data, preset)
-        sources.append(str(preset))
+@dataclass(frozen=True)
+class Recipe:
+    """The layers a sweep's Config is composed from (core.config.compose): sweep defaults, the `config:` preset,
+    `base:`, `--set`, then the study's metric as train.monitor. A trial adds its params before the metric."""
+
+    config_file: Path | None
+    layers: tuple[tuple[dict[str, Any], str], ...]
+    monitor: tuple[dict[str, Any], str]
+
+    def compose(self, *extra: tuple[dict[str, Any], str]) -> Config:
+        return compose(self.config_file, [*self.layers, *extra, self.monitor],
+                       defaults=[(SWEEP_DEFAULTS, "sweep defaults")])
+
+
+def _recipe(raw: dict[str, Any], path: Path, study: StudySettings, cli: dict[str, Any], swept: set[str]) -> Recipe:
+    """default.yaml <- SWEEP_DEFAULTS <- models/<model_type>.yaml <- config preset <- base <- --set; train.monitor
+    and monitor_mode from the study (the training CLI's order, core.config.compose)."""
+    preset = _find_preset(str(raw["config"]), path) if raw.get("config") else None
     base = _flat_base(raw.get("base"), path)
+    layers = []
     for values, source in ((base, f"{path} base"), (cli, "--set")):
-        for key, value in values.items():
+        for key in values:
             if key in swept:
                 raise ConfigError(f"'{key}' from {source} is also swept in {path} space; fix it in one place only")
-            set_dotted(data, key, value, source)
-        if values:
-            sources.append(source)
-    monitor = data.get("train", {}).get("monitor")
+        layers.append((values, source))
+    monitor = base.get("train.monitor", cli.get("train.monitor"))
     if monitor and monitor != study.metric:
         log.warning("event=sweep_monitor_override train.monitor=%s study.metric=%s", monitor, study.metric)
-    set_dotted(data, "train.monitor", study.metric, f"{path} study.metric")
-    set_dotted(data, "train.monitor_mode", "max" if study.direction == "maximize" else "min", f"{path} study.direction")
-    return validate(data, " + ".join(sources))
+    last = ({"train.monitor": study.metric, "train.monitor_mode": "max" if study.direction == "maximize" else "min"},
+            f"{path} study.metric/direction")
+    return Recipe(preset, tuple(layers), last)
 
 
 def _probe(spec: SweepSpec) -> None:
@@ -378,7 +379,7 @@ def _probe(spec: SweepSpec) -> None:
     for p in spec.params:
         for value in p.probe_values():
             where = f"{spec.path} space.{p.key}"
-            _check_names(spec.base.with_overrides({p.key: value}, where), where)
+            _check_names(spec.recipe.compose(({p.key: value}, where)), where)
 
 
 def _check_names(cfg: Config, where: str) -> None:

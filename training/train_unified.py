@@ -101,7 +101,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.config import load_config, parse_set
+    from core.config import compose, parse_set
     from core.errors import UserError, error_line
 
     args = build_parser().parse_args(argv)
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("alembic", "mlflow.store", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        overrides = {**parse_set(args.set), **overrides_from_args(args)}
-        cfg = load_config(args.config, overrides, override_source="command line")
+        cfg = compose(args.config, [(parse_set(args.set), "--set"), (overrides_from_args(args), "command line")])
         if cfg.train.eval_only:  # the evaluation path (python -m evaluation.evaluate --checkpoint ...)
             from evaluation.evaluate import evaluate_config, print_summary
 
