@@ -1,12 +1,19 @@
-"""Self-blended pseudo-fakes (SBI-style, Shiohara & Yamasaki 2022), pure numpy/cv2.
+"""Self-blended pseudo-fakes (SBI-style, Shiohara & Yamasaki 2022), numpy/cv2 (+ albumentations' elastic warp).
 
 A copy of the face is colour-jittered and slightly resampled/shifted, then blended back into the
 original through a soft mask: the result carries the blending boundary and colour/frequency
 inconsistencies of a face swap without needing a second identity. Images are uint8 HxWx3.
+
+Masks: `landmark_mask` is the SBI mask built from MTCNN's 5 landmarks (a face outline hull derived from
+eyes, nose and mouth corners, randomly dilated or eroded, elastically deformed, Gaussian-softened);
+`soft_mask` is a face-shaped random hull inside an ellipse for images without landmarks. Outside a
+mask's support (mask == 0) `blend` returns the target's pixels unchanged.
 """
 from __future__ import annotations
 
 from typing import Sequence
+
+import albumentations as A
 
 import cv2
 import numpy as np
@@ -39,18 +46,95 @@ def soft_mask(
     a = np.deg2rad(angle)
     rot = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
     pts = pts @ rot.T + np.array([cx * w, cy * h])
+    mask = _fill_hull(h, w, pts)
+    k = max(1, int(round(rng.uniform(0.0, 0.05) * min(h, w))))
+    mask = _erode_or_dilate(mask, k, rng)
+    return _soften(mask, rng, blur_range, max_alpha_range)
+
+
+def _fill_hull(h: int, w: int, pts: np.ndarray) -> np.ndarray:
+    """uint8 (h, w): 255 inside the convex hull of pts (x, y pixels)."""
     hull = cv2.convexHull(np.round(pts).astype(np.int32))
     mask = np.zeros((h, w), np.uint8)
     cv2.fillConvexPoly(mask, hull, 255, lineType=cv2.LINE_AA)
-    k = max(1, int(round(rng.uniform(0.0, 0.05) * min(h, w))))
+    return mask
+
+
+def _erode_or_dilate(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * k + 1, 2 * k + 1))
-    mask = cv2.erode(mask, kernel) if rng.random() < 0.5 else cv2.dilate(mask, kernel)
+    return cv2.erode(mask, kernel) if rng.random() < 0.5 else cv2.dilate(mask, kernel)
+
+
+def _soften(mask: np.ndarray, rng: np.random.Generator, blur_range: tuple[float, float],
+            max_alpha_range: tuple[float, float]) -> np.ndarray:
+    """Gaussian edge (sigma = blur_range x the short side) and a random peak: float32 in [0, 1]."""
+    h, w = mask.shape
     sigma = max(0.5, rng.uniform(*blur_range) * min(h, w))
     soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), sigmaX=sigma, sigmaY=sigma)
     peak = float(soft.max())
     if peak > 0:
         soft *= rng.uniform(*max_alpha_range) / peak
     return np.clip(soft, 0.0, 1.0).astype(np.float32)
+
+
+# Face outline from MTCNN's 5 landmarks, in a frame with x along the eye line (unit: eye distance d) and y
+# from the eyes' midpoint toward the mouth's (unit: eye-to-mouth distance L): roughly the hull of the
+# 68-point jaw + eyebrow landmarks SBI uses (ears at eye level, jaw, chin, eyebrows).
+FACE_OUTLINE = np.array([
+    (-1.00, 0.00), (-0.95, 0.55), (-0.80, 1.05), (-0.45, 1.45), (0.00, 1.60),   # left ear .. chin
+    (0.45, 1.45), (0.80, 1.05), (0.95, 0.55), (1.00, 0.00),                      # chin .. right ear
+    (0.85, -0.45), (0.35, -0.60), (-0.35, -0.60), (-0.85, -0.45),                # eyebrows
+], np.float64)
+
+
+def face_outline(landmarks: np.ndarray, rng: np.random.Generator | None = None, jitter: float = 0.1) -> np.ndarray:
+    """Face outline points (13, 2) in pixels from 5 landmarks (eye, eye, nose, mouth, mouth; MTCNN's order).
+
+    Follows roll and scale of the face; `jitter` moves each point by up to that fraction of its offset."""
+    lm = np.asarray(landmarks, np.float64).reshape(5, 2)
+    eyes, mouth = lm[:2].mean(axis=0), lm[3:].mean(axis=0)
+    ex = lm[1] - lm[0]
+    if ex[0] < 0:  # eye order by x: keep the frame's x axis along +x in the image
+        ex = -ex
+    d = max(float(np.hypot(*ex)), 1.0)
+    ey = mouth - eyes
+    L = max(float(np.hypot(*ey)), 0.5 * d)
+    ux = ex / d
+    uy = np.array([-ux[1], ux[0]])  # perpendicular to the eye line, pointing down (image y grows down)
+    if np.dot(uy, ey) < 0:
+        uy = -uy
+    offsets = FACE_OUTLINE.copy()
+    if rng is not None and jitter > 0:
+        offsets *= 1.0 + rng.uniform(-jitter, jitter, offsets.shape)
+    return eyes + offsets[:, :1] * d * ux + offsets[:, 1:] * L * uy
+
+
+_ELASTIC = A.ElasticTransform(alpha=30.0, sigma=6.0, p=1.0)
+
+
+def landmark_mask(
+    h: int,
+    w: int,
+    landmarks: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    blur_range: tuple[float, float] = (0.02, 0.06),
+    max_alpha_range: tuple[float, float] = (0.6, 1.0),
+    elastic: bool = True,
+) -> np.ndarray:
+    """SBI's mask from 5 landmarks: face outline hull, random erode/dilate, elastic warp, soft edges.
+
+    float32 (h, w) in [0, 1]; the peak is a random blend ratio in `max_alpha_range`."""
+    mask = _fill_hull(h, w, face_outline(landmarks, rng))
+    span = float(np.ptp(face_outline(landmarks), axis=0).max())
+    k = max(1, int(round(rng.uniform(0.0, 0.08) * span)))
+    mask = _erode_or_dilate(mask, k, rng)
+    if elastic and mask.any():
+        _ELASTIC.set_random_seed(int(rng.integers(2**31)))
+        scale = max(1.0, min(h, w) / 64.0)  # the warp's strength follows the image size
+        _ELASTIC.alpha, _ELASTIC.sigma = 30.0 * scale, 6.0 * scale
+        mask = _ELASTIC(image=mask)["image"]
+    return _soften(mask, rng, blur_range, max_alpha_range)
 
 
 def blend(target: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -100,17 +184,17 @@ def jitter_geometry(img: np.ndarray, rng: np.random.Generator, max_shift: float 
     return cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
 
 
-def self_blend(
+def self_blend_pair(
     img: np.ndarray,
     rng: np.random.Generator,
     *,
     mask: np.ndarray | None = None,
     strength: float = 1.0,
-) -> np.ndarray:
-    """A self-blended pseudo-fake of `img` (uint8 HxWx3): jittered copy blended through a soft mask.
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pseudo-fake, mask): a colour/geometry-jittered copy of `img` (uint8 HxWx3) blended through `mask`.
 
     `strength` (0..1+) scales the colour mismatch; `mask` defaults to `soft_mask` around the centre.
-    """
+    Pixels where mask == 0 are the original's, exactly."""
     h, w = img.shape[:2]
     source = color_jitter(img, rng, strength)
     if rng.random() < 0.7:
@@ -118,4 +202,15 @@ def self_blend(
     source = jitter_geometry(source, rng)
     if mask is None:
         mask = soft_mask(h, w, rng)
-    return blend(img, source, mask)
+    return blend(img, source, mask), mask
+
+
+def self_blend(
+    img: np.ndarray,
+    rng: np.random.Generator,
+    *,
+    mask: np.ndarray | None = None,
+    strength: float = 1.0,
+) -> np.ndarray:
+    """A self-blended pseudo-fake of `img` (see `self_blend_pair`), without the mask."""
+    return self_blend_pair(img, rng, mask=mask, strength=strength)[0]
