@@ -30,8 +30,9 @@ def soft_mask(
     hull_points: int = 8,
     blur_range: tuple[float, float] = (0.04, 0.12),
     max_alpha_range: tuple[float, float] = (0.75, 1.0),
+    cutoff: float = 0.0,
 ) -> np.ndarray:
-    """A soft blending mask, float32 (h, w) in [0, 1].
+    """A soft blending mask, float32 (h, w) in [0, 1] (values below `cutoff` set to 0).
 
     The shape is the convex hull of `hull_points` random points inside an ellipse (`center`/`axes`
     as fractions of w/h; random around the image centre if omitted), randomly eroded or dilated,
@@ -49,7 +50,7 @@ def soft_mask(
     mask = _fill_hull(h, w, pts)
     k = max(1, int(round(rng.uniform(0.0, 0.05) * min(h, w))))
     mask = _erode_or_dilate(mask, k, rng)
-    return _soften(mask, rng, blur_range, max_alpha_range)
+    return _soften(mask, rng, blur_range, max_alpha_range, cutoff)
 
 
 def _fill_hull(h: int, w: int, pts: np.ndarray) -> np.ndarray:
@@ -66,14 +67,19 @@ def _erode_or_dilate(mask: np.ndarray, k: int, rng: np.random.Generator) -> np.n
 
 
 def _soften(mask: np.ndarray, rng: np.random.Generator, blur_range: tuple[float, float],
-            max_alpha_range: tuple[float, float]) -> np.ndarray:
-    """Gaussian edge (sigma = blur_range x the short side) and a random peak: float32 in [0, 1]."""
+            max_alpha_range: tuple[float, float], cutoff: float = 0.0) -> np.ndarray:
+    """Gaussian edge (sigma = blur_range x the short side) and a random peak: float32 in [0, 1].
+
+    Values below `cutoff` become 0: the Gaussian's far tail (which cannot move a uint8 pixel by a level)
+    is outside the mask, so the mask's support is where the blend may change pixels."""
     h, w = mask.shape
     sigma = max(0.5, rng.uniform(*blur_range) * min(h, w))
     soft = cv2.GaussianBlur(mask.astype(np.float32) / 255.0, (0, 0), sigmaX=sigma, sigmaY=sigma)
     peak = float(soft.max())
     if peak > 0:
         soft *= rng.uniform(*max_alpha_range) / peak
+    if cutoff > 0:
+        soft[soft < cutoff] = 0.0
     return np.clip(soft, 0.0, 1.0).astype(np.float32)
 
 
@@ -121,6 +127,7 @@ def landmark_mask(
     blur_range: tuple[float, float] = (0.02, 0.06),
     max_alpha_range: tuple[float, float] = (0.6, 1.0),
     elastic: bool = True,
+    cutoff: float = 1 / 255,
 ) -> np.ndarray:
     """SBI's mask from 5 landmarks: face outline hull, random erode/dilate, elastic warp, soft edges.
 
@@ -134,7 +141,7 @@ def landmark_mask(
         scale = max(1.0, min(h, w) / 64.0)  # the warp's strength follows the image size
         _ELASTIC.alpha, _ELASTIC.sigma = 30.0 * scale, 6.0 * scale
         mask = _ELASTIC(image=mask)["image"]
-    return _soften(mask, rng, blur_range, max_alpha_range)
+    return _soften(mask, rng, blur_range, max_alpha_range, cutoff)
 
 
 def blend(target: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:

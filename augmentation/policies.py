@@ -133,10 +133,13 @@ def build_transform(
     *,
     seed: int | None = None,
     center_crop: float | None = None,
+    artifact_prob: float = 0.0,
 ) -> A.Compose:
-    """[central crop] -> Resize -> policy `name` (train only) -> Normalize(mean, std) -> ToTensorV2 (float32 CHW).
+    """[central crop] -> Resize -> policy `name` [-> artefact trace] (train only) -> Normalize -> ToTensorV2.
 
-    `center_crop` keeps that central fraction of each side first (e.g. 0.5 for whole LFW photos)."""
+    `center_crop` keeps that central fraction of each side first (e.g. 0.5 for whole LFW photos);
+    `artifact_prob` > 0 adds one up-sampling / double-JPEG / spectral trace (augmentation.artifacts) with
+    that probability after the policy, at the model's input size."""
     first: TransformList = []
     if center_crop is not None and center_crop < 1:
         first = [A.CropAndPad(percent=-(1 - center_crop) / 2, keep_size=False, p=1.0)]
@@ -145,6 +148,10 @@ def build_transform(
         base, args = parse_policy(name)
         factory: Callable[..., TransformList] = POLICIES.get(base)
         middle = factory(image_size, *args)
+        if artifact_prob > 0:
+            from augmentation.artifacts import artifact_ops
+
+            middle.append(artifact_ops(artifact_prob))
     transform = A.Compose(
         [
             *first,

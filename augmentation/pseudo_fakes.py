@@ -51,7 +51,8 @@ class PseudoFakes:
             lm, (sw, sh) = entry
             return landmark_mask(h, w, np.asarray(lm) * (w / sw, h / sh), rng)  # decoded size may differ
         s = self.crop_fraction
-        return soft_mask(h, w, rng, axes=(rng.uniform(0.22, 0.32) * s, rng.uniform(0.28, 0.38) * s))
+        return soft_mask(h, w, rng, axes=(rng.uniform(0.22, 0.32) * s, rng.uniform(0.28, 0.38) * s),
+                         cutoff=1 / 255)
 
     def __call__(self, image: np.ndarray, label: int, path: str,
                  rng: np.random.Generator) -> tuple[np.ndarray, int]:

@@ -149,6 +149,12 @@ class AugConfig(_Section):
     cutmix_alpha: float = Field(0.0, ge=0)
     mixup_prob: float = Field(1.0, ge=0, le=1)
     switch_prob: float = Field(0.5, ge=0, le=1)
+    # pseudo-fakes (augmentation.pseudo_fakes): this fraction of real TRAINING images become fakes (label 1)
+    self_blend_prob: float = Field(0.0, ge=0, le=1)  # SBI-style self-blended face; 0 = off
+    self_blend_mask: Literal["auto", "landmarks", "ellipse"] = "auto"  # auto: landmark hull from the face-crop
+    # cache with data.face_crop=mtcnn, else an ellipse; landmarks: detect with MTCNN (cached) even without face_crop
+    artifact_fake_prob: float = Field(0.0, ge=0, le=1)  # whole-image up-sampling / spectral-grid trace -> fake
+    artifact_prob: float = Field(0.0, ge=0, le=1)  # label-preserving up-sampling / double-JPEG / spectral trace
 
 
 class TrainConfig(_Section):
@@ -225,6 +231,15 @@ class Config(_Section):
         if self.data.face_crop != "none" and self.model.is_video:
             raise ValueError("data.face_crop is for photos; dual_stream reads face crops from "
                              "preprocessing.extract_faces: set data.face_crop=none")
+        if self.aug.self_blend_prob + self.aug.artifact_fake_prob > 1:
+            raise ValueError("aug.self_blend_prob + aug.artifact_fake_prob is the share of real images made fake: "
+                             "it must be <= 1")
+        if self.aug.artifact_prob > 0 and self.aug.artifact_fake_prob > 0:
+            raise ValueError("aug.artifact_prob puts artefacts on both classes, aug.artifact_fake_prob makes them "
+                             "mean fake: set one of them to 0")
+        if self.model.is_video and (self.aug.self_blend_prob or self.aug.artifact_fake_prob or self.aug.artifact_prob):
+            raise ValueError("aug.self_blend_prob / artifact_prob / artifact_fake_prob are for photos; "
+                             "dual_stream trains on clips: set them to 0")
         if self.data.extra_val and self.model.is_video:
             raise ValueError("data.extra_val scores photo data sets each epoch; dual_stream trains on clips")
         valid = monitor_names(self.data)

@@ -17,6 +17,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from augmentation.policies import build_transform, seed_transform
+from augmentation.pseudo_fakes import LandmarkTable, PseudoFakes
 from core.config import Config, DataConfig
 from dataio.data import SPLITS, DataIndex, Sample
 
@@ -45,12 +46,18 @@ def decode_size(image_size: int, center_crop: float | None) -> int:
 
 
 class ImageDataset(Dataset):
-    """(image tensor, label float, index) per sample; None when the file cannot be decoded."""
+    """(image tensor, label float, index) per sample; None when the file cannot be decoded.
 
-    def __init__(self, samples: Sequence[Sample], transform, image_size: int) -> None:
+    With `pseudo_fakes` (training), a real image may become a pseudo-fake (label 1) before the transform;
+    its randomness is seeded by (epoch seed, sample index), so a resumed epoch makes the same fakes."""
+
+    def __init__(self, samples: Sequence[Sample], transform, image_size: int,
+                 pseudo_fakes: PseudoFakes | None = None, seed: int = 0) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.image_size = image_size
+        self.pseudo_fakes = pseudo_fakes if pseudo_fakes is not None and pseudo_fakes.active else None
+        self.seed = seed
         self._warned: set[str] = set()
 
     def __len__(self) -> int:
@@ -58,14 +65,19 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, float, int] | None:
         s = self.samples[i]
+        label = s.label
         try:
-            image = self.transform(image=load_rgb(s.path, self.image_size))["image"]
+            rgb = load_rgb(s.path, self.image_size)
+            if self.pseudo_fakes is not None:
+                rng = np.random.default_rng([self.seed % 2**32, i])
+                rgb, label = self.pseudo_fakes(rgb, label, s.path, rng)
+            image = self.transform(image=rgb)["image"]
         except Exception as e:  # a file that passed the scan but fails to decode: drop, never crash
             if s.path not in self._warned:
                 self._warned.add(s.path)
                 log.warning("unreadable image dropped: %s (%s: %s)", s.path, type(e).__name__, e)
             return None
-        return image, float(s.label), i
+        return image, float(label), i
 
 
 def collate_drop_none(batch: list, image_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,6 +109,8 @@ def reseed_epoch(loader: DataLoader, epoch_seed: int) -> None:
         gen.manual_seed(epoch_seed)
     if getattr(loader.dataset, "transform", None) is not None:
         seed_transform(loader.dataset.transform, epoch_seed)
+    if hasattr(loader.dataset, "pseudo_fakes"):  # per-sample pseudo-fake streams follow the epoch too
+        loader.dataset.seed = epoch_seed
 
 
 def balanced_sampler(samples: Sequence[Sample], generator: torch.Generator) -> WeightedRandomSampler:
@@ -153,18 +167,52 @@ def model_input_samples(samples: Sequence[Sample], data_cfg: DataConfig) -> list
     return [replace(s, path=crop[s.path]) for s in samples]
 
 
+def pseudo_fake_landmarks(samples: Sequence[Sample], cfg: Config, table=None) -> LandmarkTable:
+    """MTCNN landmarks of the training images for the self-blend mask, keyed by the path the dataset reads.
+
+    aug.self_blend_mask: auto -> the face-crop cache's landmarks (crop pixels) when data.face_crop=mtcnn,
+    none otherwise (ellipse masks); landmarks -> the same cache, run once (cached) even without face_crop,
+    its crop-pixel landmarks mapped back to the whole image; ellipse -> none. Fallback crops (no face) have
+    NaN landmarks and get the ellipse."""
+    d, a = cfg.data, cfg.aug
+    if a.self_blend_prob == 0 or a.self_blend_mask == "ellipse" or (a.self_blend_mask == "auto" and d.face_crop == "none"):
+        return {}
+    from preprocessing.face_cache import LANDMARK_COLUMNS
+
+    if table is None:
+        table = face_crop_table([s for s in samples if s.label == 0], d.model_copy(update={"face_crop": "mtcnn"}))
+    paths = {s.path for s in samples if s.label == 0}  # only reals are ever blended
+    table = table[table.index.isin(paths) & ~table["fallback"].astype(bool)]
+    lm = table[LANDMARK_COLUMNS].to_numpy(np.float64).reshape(-1, 5, 2)
+    if d.face_crop == "mtcnn":  # the dataset reads the crops: crop pixels as stored
+        return {c: (p, (d.face_size, d.face_size)) for c, p in zip(table["crop_path"], lm)}
+    side = (table["x2"] - table["x1"]).to_numpy(np.float64)[:, None, None] / d.face_size
+    lm = table[["x1", "y1"]].to_numpy(np.float64)[:, None, :] + lm * side
+    return {path: (p, (int(w), int(h))) for path, p, w, h in zip(table.index, lm, table["width"], table["height"])}
+
+
 def build_loaders(index: DataIndex, cfg: Config, mean: Sequence[float], std: Sequence[float], *,
                   device_type: str = "cpu") -> dict[str, DataLoader]:
     """DataLoaders "train", "val" and "test" (if non-empty); batches are (images, labels, indices).
-    With data.face_crop the datasets read the cached face crops (indices still point into the index)."""
+    With data.face_crop the datasets read the cached face crops (indices still point into the index);
+    with aug.self_blend_prob / artifact_fake_prob some real training images become pseudo-fakes."""
     d = cfg.data
     every = [s for name in SPLITS for s in index.split(name)]
-    crop = dict(zip((s.path for s in every), (s.path for s in model_input_samples(every, d))))
+    table = face_crop_table(every, d)
+    crop = table["crop_path"].to_dict() if table is not None else {s.path: s.path for s in every}
 
     def dataset(samples: list[Sample], train: bool, seed: int) -> ImageDataset:
         transform = build_transform(d.aug_policy if train else "none", d.image_size, mean, std, train, seed=seed,
-                                    center_crop=d.center_crop)
+                                    center_crop=d.center_crop, artifact_prob=cfg.aug.artifact_prob)
+        fakes = None
+        if train and (cfg.aug.self_blend_prob > 0 or cfg.aug.artifact_fake_prob > 0):
+            landmarks = pseudo_fake_landmarks(samples, cfg, table)
+            fakes = PseudoFakes(cfg.aug.self_blend_prob, cfg.aug.artifact_fake_prob, landmarks,
+                                crop_fraction=d.center_crop or 1.0, image_size=d.image_size)
+            log.info("event=pseudo_fakes self_blend_prob=%g artifact_fake_prob=%g landmark_masks=%d of %d reals",
+                     cfg.aug.self_blend_prob, cfg.aug.artifact_fake_prob, len(landmarks),
+                     sum(s.label == 0 for s in samples))
         return ImageDataset([replace(s, path=crop[s.path]) for s in samples], transform,
-                            decode_size(d.image_size, d.center_crop))
+                            decode_size(d.image_size, d.center_crop), fakes, seed)
 
     return loaders_by_split(index, cfg, dataset, partial(collate_drop_none, image_size=d.image_size), device_type)
