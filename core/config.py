@@ -17,7 +17,8 @@ from core.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "configs" / "default.yaml"
-MODEL_CONFIGS = REPO_ROOT / "experiments" / "configs" / "models"
+CONFIG_DIR = REPO_ROOT / "experiments" / "configs"
+MODEL_CONFIGS = CONFIG_DIR / "models"
 FREEZE_RE = re.compile(r"^(full|frozen|progressive|partial:[1-9]\d*)$")
 # per-epoch validation metrics (evaluation.metrics.binary_metrics keys, plus the loss) a run can monitor
 VAL_METRICS = ("auc", "ap", "eer", "accuracy", "precision", "recall", "f1", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct",
@@ -137,10 +138,13 @@ class LossConfig(_Section):
     focal_alpha: float = Field(0.25, ge=-1, le=1)  # torchvision convention: <0 disables weighting
     focal_gamma: float = Field(2.0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
+    # ce only: logits per image. Labels stay 0 real / 1 fake and P(fake) compares those two logits; more
+    # classes only widen the head (seed 002's ArcFace head had 9: 268,288 trainable of 11,444,800).
+    num_classes: int = Field(2, ge=2)
 
     @property
     def num_outputs(self) -> int:
-        return 2 if self.loss_type == "ce" else 1
+        return self.num_classes if self.loss_type == "ce" else 1
 
 
 class AugConfig(_Section):
@@ -224,6 +228,9 @@ class Config(_Section):
             raise ValueError("model.head=arcface needs hard labels; turn aug.use_mixup off")
         if self.model.head == "arcface" and self.loss.loss_type != "ce":
             raise ValueError("model.head=arcface is a 2-class margin head; set loss.loss_type=ce")
+        if self.loss.num_classes != 2 and self.loss.loss_type != "ce":
+            raise ValueError(f"loss.num_classes={self.loss.num_classes} needs loss.loss_type=ce (the other losses "
+                             "use one logit)")
         if self.model.is_video and self.aug.use_mixup:
             raise ValueError("model.model_type=dual_stream trains on clips; mixup is for images: turn aug.use_mixup off")
         if self.data.face_crop != "none" and self.data.center_crop is not None:
@@ -433,6 +440,17 @@ def load_config(
 ) -> Config:
     """compose() with one layer of overrides: default.yaml <- models/<model_type>.yaml <- config_file <- overrides."""
     return compose(config_file, [(overrides or {}, override_source)])
+
+
+def preset_path(name: str) -> Path:
+    """`--preset NAME` -> experiments/configs/NAME.yaml (any file there but default.yaml); unknown -> UnknownNameError."""
+    from core.registry import Registry
+
+    presets: Registry[Path] = Registry("preset")
+    for f in sorted(CONFIG_DIR.glob("*.yaml")):
+        if f != DEFAULT_CONFIG:
+            presets.register(f.stem, lambda f=f: f)
+    return presets.create(name)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -142,6 +142,17 @@ def test_wrong_number_of_logits_is_a_clear_error() -> None:
         _loss("focal")(Z[:, None], Y[:3])
 
 
+def test_ce_over_more_classes_targets_real_and_fake_only() -> None:
+    """loss.num_classes > 2 (seed 002's 9-class ArcFace head): same loss as 2 classes when the rest are -inf."""
+    z9 = torch.randn(4, 9)
+    y = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    wide = _loss("ce")(z9, y)
+    assert torch.isfinite(wide)
+    z9[:, 2:] = -1e4
+    assert torch.allclose(_loss("ce")(z9, y), _loss("ce")(z9[:, :2], y), atol=1e-6)
+    assert torch.allclose(scores_from_logits(z9), torch.softmax(z9[:, :2], 1)[:, 1])
+
+
 def test_scores_from_logits() -> None:
     torch.testing.assert_close(scores_from_logits(Z[:, None]), torch.sigmoid(Z))
     torch.testing.assert_close(scores_from_logits(Z), torch.sigmoid(Z))
@@ -151,7 +162,7 @@ def test_scores_from_logits() -> None:
     torch.testing.assert_close(s2, torch.sigmoid(Z2[:, 1] - Z2[:, 0]))
     assert scores_from_logits(Z2.bfloat16()).dtype == torch.float32
     with pytest.raises(ValueError, match="shape"):
-        scores_from_logits(torch.zeros(4, 3))
+        scores_from_logits(torch.zeros(4, 3, 2))
 
 
 # ------------------------------------------------------------------------------ mixup

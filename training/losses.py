@@ -108,9 +108,10 @@ class FocalLoss(BinaryLoss):
 
 
 class SoftTargetCELoss(BinaryLoss):
-    """Cross-entropy on 2 logits (real, fake) with soft targets [1 - y, y]; also for ArcFace logits.
+    """Cross-entropy on K >= 2 logits (real, fake, unused...) with soft targets [1 - y, y, 0...]; also for ArcFace.
 
-    `pos_weight` becomes class weights [1, pos_weight] (same effect as BCE's pos_weight).
+    `pos_weight` becomes class weights [1, pos_weight, 1...] (same effect as BCE's pos_weight). K > 2 only
+    widens the head (loss.num_classes, seed 002); the extra classes are never a target.
     """
 
     num_outputs = 2
@@ -121,14 +122,18 @@ class SoftTargetCELoss(BinaryLoss):
         self.register_buffer("weight", weight)
 
     def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
-        if logits.ndim != 2 or logits.shape[1] != 2:
+        if logits.ndim != 2 or logits.shape[1] < 2:
             raise ValueError(
-                f"loss 'ce' expects 2 logits per image, got logits of shape {tuple(logits.shape)}; "
-                "build the model with loss_cfg.num_outputs = 2"
+                f"loss 'ce' expects at least 2 logits per image, got logits of shape {tuple(logits.shape)}; "
+                "build the model with loss_cfg.num_outputs"
             )
         y = _check_targets(targets, len(logits))
-        probs = torch.stack([1.0 - y, y], dim=1)
-        return F.cross_entropy(logits.float(), probs, weight=_on(self.weight, logits))
+        k = logits.shape[1]
+        probs = F.pad(torch.stack([1.0 - y, y], dim=1), (0, k - 2))
+        weight = _on(self.weight, logits)
+        if weight is not None and k > 2:
+            weight = F.pad(weight, (0, k - 2), value=1.0)
+        return F.cross_entropy(logits.float(), probs, weight=weight)
 
 
 @LOSSES.register("bce")
@@ -161,13 +166,13 @@ def create_loss(loss_cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.
 
 
 def scores_from_logits(logits: Tensor) -> Tensor:
-    """P(fake) per image (B,): sigmoid of 1 logit, softmax[:, 1] of 2 logits (float32)."""
+    """P(fake) per image (B,): sigmoid of 1 logit, softmax over the (real, fake) logits of K >= 2 (float32)."""
     logits = logits.detach().float()
     if logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 1):
         return torch.sigmoid(logits.reshape(-1))
-    if logits.ndim == 2 and logits.shape[1] == 2:
-        return torch.softmax(logits, dim=1)[:, 1]
-    raise ValueError(f"expected logits of shape (B,), (B, 1) or (B, 2), got {tuple(logits.shape)}")
+    if logits.ndim == 2 and logits.shape[1] >= 2:
+        return torch.softmax(logits[:, :2], dim=1)[:, 1]
+    raise ValueError(f"expected logits of shape (B,), (B, 1) or (B, K >= 2), got {tuple(logits.shape)}")
 
 
 # ------------------------------------------------------------------------------ mixup

@@ -3,6 +3,7 @@
 
     python training/train_unified.py --model_type efficientnet --data_dir /data/ffpp --use_amp
     python training/train_unified.py --config experiments/configs/mobilenetv2_ce.yaml --set optim.lr=3e-4
+    python training/train_unified.py --preset seed003 --data_dir /data/ffpp
     python training/train_unified.py --eval_only --checkpoint runs:/RUN_ID/checkpoints/best.pt --data_dir /data/celebdf
 """
 from __future__ import annotations
@@ -30,6 +31,8 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "model_name": ("model.model_name", {"type": str, "help": "any timm model name (overrides the preset backbone)"}),
     "pretrained_path": ("model.pretrained_path", {"type": str}),
     "dropout": ("model.dropout", {"type": float}),
+    "head": ("model.head", {"choices": ["linear", "mlp", "arcface"]}),
+    "embedding_dim": ("model.embedding_dim", {"type": int, "help": "mlp/arcface embedding size"}),
     "num_epochs": ("train.num_epochs", {"type": int}),
     "epochs": ("train.num_epochs", {"type": int, "help": "alias of --num_epochs (seed Xception script)"}),
     "lr": ("optim.lr", {"type": float}),
@@ -44,6 +47,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "focal_alpha": ("loss.focal_alpha", {"type": float}),
     "focal_gamma": ("loss.focal_gamma", {"type": float}),
     "label_smoothing": ("loss.label_smoothing", {"type": float}),
+    "num_classes": ("loss.num_classes", {"type": int, "help": "ce/arcface logits per image (seed 002: 9)"}),
     "mixup_alpha": ("aug.mixup_alpha", {"type": float}),
     "early_stopping_patience": ("train.early_stopping_patience", {"type": int}),
     "freeze_strategy": ("train.freeze_strategy", {"type": str, "help": "full | frozen | progressive | partial:N"}),
@@ -71,7 +75,10 @@ SWITCHES: dict[str, tuple[str, object]] = {  # store_true flag -> (config key, v
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML preset under experiments/configs (keys as in default.yaml)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--config", help="a YAML file of config keys (as in experiments/configs/default.yaml)")
+    source.add_argument("--preset", help="NAME of experiments/configs/NAME.yaml, e.g. seed003 (EfficientNet-B3 "
+                        "recipe), seed002 (ResNet-18 ArcFace), seed001 (dual-stream video)")
     p.add_argument("--set", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override any key, e.g. --set optim.lr=3e-4 data.image_size=128 (repeatable)")
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet weights")
@@ -101,7 +108,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.config import compose, parse_set
+    from core.config import compose, parse_set, preset_path
     from core.errors import UserError, error_line
 
     args = build_parser().parse_args(argv)
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("alembic", "mlflow.store", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        cfg = compose(args.config, [(parse_set(args.set), "--set"), (overrides_from_args(args), "command line")])
+        config_file = preset_path(args.preset) if args.preset else args.config
+        cfg = compose(config_file, [(parse_set(args.set), "--set"), (overrides_from_args(args), "command line")])
         if cfg.train.eval_only:  # the evaluation path (python -m evaluation.evaluate --checkpoint ...)
             from evaluation.evaluate import evaluate_config, print_summary
 
