@@ -68,14 +68,19 @@ def pos_weight(index: DataIndex) -> float:
 
 
 # ------------------------------------------------------------------------------------- scanning
+MIN_IMAGE_SIDE = 16  # smaller images carry no face detail (a 1x1 pixel would be trained on as a face)
+
+
 def check_image(path: str) -> str | None:
-    """A cheap readability check: None if fine, else the reason (zero bytes, not an image, ...)."""
+    """A cheap readability check: None if fine, else the reason (zero bytes, not an image, too small, ...)."""
     try:
         if os.path.getsize(path) == 0:
             return "zero bytes"
         with Image.open(path) as img:
-            fmt = img.format
+            fmt, (w, h) = img.format, img.size
             img.verify()
+        if min(w, h) < MIN_IMAGE_SIDE:
+            return f"image {w}x{h} px is smaller than {MIN_IMAGE_SIDE} px"
         if fmt == "JPEG":  # verify() does not read JPEG data: decode only when the end marker is missing
             with open(path, "rb") as f:
                 f.seek(max(0, os.path.getsize(path) - 1024))
@@ -112,7 +117,40 @@ def _group_key(rel: Path, group_by: str | None, pattern: re.Pattern[str] | None)
     return (m.group(1) if m and m.groups() else m.group(0)) if m else None
 
 
-def _scan_class_dirs(folder: Path, data_cfg: DataConfig) -> list[Sample]:
+def _image_files(d: Path, root: Path, skipped: list[tuple[str, str]]) -> list[Path]:
+    """Image files under class folder `d`; every other entry that is not a plain folder goes to `skipped`.
+
+    Symlinks are followed only when they stay inside `root` (the resolved data root): a link out of the data
+    folder could make a run read (and log) files elsewhere on the machine. Hidden entries are ignored.
+    """
+    files: list[Path] = []
+    for p in sorted(d.rglob("*")):
+        if any(part.startswith(".") for part in p.relative_to(d).parts):
+            continue
+        if p.is_symlink():
+            target = p.resolve()
+            if not target.exists():
+                skipped.append((str(p), "broken symlink"))
+                continue
+            if not target.is_relative_to(root):
+                skipped.append((str(p), f"symlink leaves the data root {root}"))
+                continue
+        is_image = p.suffix.lower() in IMAGE_EXTENSIONS
+        if p.is_dir():
+            if is_image:
+                skipped.append((str(p), "a directory, not an image file"))
+        elif not p.is_file():
+            skipped.append((str(p), "not a regular file"))
+        elif not is_image:
+            skipped.append((str(p), f"unsupported type {p.suffix.lower() or '(no extension)'} "
+                                    f"(images: {', '.join(sorted(IMAGE_EXTENSIONS))})"))
+        else:
+            files.append(p)
+    return files
+
+
+def _scan_class_dirs(folder: Path, data_cfg: DataConfig, root: Path,
+                     skipped: list[tuple[str, str]]) -> list[Sample]:
     dirs = _class_dirs(folder)
     for label, name in enumerate(LABELS):
         if label not in dirs:
@@ -120,8 +158,7 @@ def _scan_class_dirs(folder: Path, data_cfg: DataConfig) -> list[Sample]:
     pattern = _compile_group(data_cfg.group_by)
     samples: list[Sample] = []
     for label, d in sorted(dirs.items()):
-        files = sorted(p for p in d.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS
-                       and not any(part.startswith(".") for part in p.relative_to(d).parts) and p.is_file())
+        files = _image_files(d, root, skipped)
         if not files:
             raise DataError(f"empty class: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {d}")
         for p in files:
@@ -192,20 +229,21 @@ def scan(data_cfg: DataConfig, seed: int) -> DataIndex:
         rel_root = root.parent
         samples, splits = _scan_csv(root)
         missing = [s for s in samples if not os.path.isfile(s.path)]
-        skipped += [(s.path, "file not found") for s in missing]
+        skipped += [(s.path, "a directory, not an image file" if os.path.isdir(s.path) else "file not found")
+                    for s in missing]
         keep = {id(s) for s in _filter_readable([s for s in samples if os.path.isfile(s.path)], skipped)}
         if any(splits):
             fixed = {k: [s for s, sp in zip(samples, splits) if sp == k and id(s) in keep] for k in SPLITS}
         samples = [s for s in samples if id(s) in keep]
     else:
-        rel_root = root
+        rel_root, real_root = root, root.resolve()
         subdirs = {_SPLIT_ALIASES.get(p.name.lower()): p for p in sorted(root.iterdir()) if p.is_dir()}
         if "train" in subdirs:
-            fixed = {k: _filter_readable(_scan_class_dirs(subdirs[k], data_cfg), skipped) if k in subdirs else []
-                     for k in SPLITS}
+            fixed = {k: _filter_readable(_scan_class_dirs(subdirs[k], data_cfg, real_root, skipped), skipped)
+                     if k in subdirs else [] for k in SPLITS}
             samples = [s for k in SPLITS for s in fixed[k]]
         elif _class_dirs(root):
-            samples = _filter_readable(_scan_class_dirs(root, data_cfg), skipped)
+            samples = _filter_readable(_scan_class_dirs(root, data_cfg, real_root, skipped), skipped)
         else:
             raise DataError(f"unknown layout in {root}: {EXPECTED_LAYOUT}")
     _warn_skipped(skipped, source)
@@ -237,7 +275,8 @@ def _warn_skipped(skipped: list[tuple[str, str]], source: str) -> None:
     if skipped:
         first = "; ".join(f"{p} ({r})" for p, r in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
-        log.warning("skipped %d unreadable file(s) in %s: %s%s", len(skipped), source, first, more)
+        log.warning("skipped %d file(s) in %s (all in the run's skipped_files.csv): %s%s", len(skipped), source,
+                    first, more)
 
 
 def _check_split(name: str, samples: list[Sample], source: str, required: bool) -> None:

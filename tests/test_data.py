@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -198,10 +199,50 @@ def test_corrupt_files_skipped_reported_and_loader_finishes(tmp_path: Path, capl
     reasons = {Path(p).name: r for p, r in index.skipped}
     assert set(reasons) == {"zero.jpg", "garbage.png", "truncated.jpg"}
     assert reasons["zero.jpg"] == "zero bytes"
-    assert "skipped 3 unreadable" in caplog.text and "zero.jpg" in caplog.text
+    assert "skipped 3 file(s)" in caplog.text and "zero.jpg" in caplog.text
     loaders = build_loaders(index, _cfg(tmp_path, aug_policy="advanced"), MEAN, STD)
     seen = sum(len(y) for y, in ((b[1],) for b in loaders["train"])) + sum(len(b[1]) for b in loaders["val"])
     assert seen > 0
+
+
+def test_every_dropped_entry_is_reported_with_its_reason(tmp_path: Path) -> None:
+    """Broken links, links out of the data root, .gif, a folder named *.jpg, a 1x1 image: none silently dropped."""
+    root = _flat(tmp_path / "data", 8, 8)
+    outside = _img(tmp_path / "elsewhere" / "secret.png", 7)
+    (root / "real" / "escape.png").symlink_to(outside)
+    (root / "real" / "escape_dir").symlink_to(outside.parent, target_is_directory=True)
+    (root / "real" / "inside.png").symlink_to(root / "real" / "r000.png")  # stays in the root: kept
+    (root / "fake" / "dangling.png").symlink_to(tmp_path / "gone.png")
+    Image.new("RGB", (32, 32)).save(root / "fake" / "anim.gif")
+    (root / "fake" / "folder.jpg").mkdir()
+    _img(root / "fake" / "tiny.png", 3, size=(1, 1))
+    _img(root / "fake" / "thin.png", 4, size=(64, 15))
+    (root / "real" / ".DS_Store").write_bytes(b"x")  # hidden: ignored, not reported
+    index = scan(DataConfig(data_dir=str(root)), seed=0)
+    reasons = {Path(p).name: r for p, r in index.skipped}
+    assert set(reasons) == {"escape.png", "escape_dir", "dangling.png", "anim.gif", "folder.jpg", "tiny.png", "thin.png"}
+    assert reasons["escape.png"].startswith("symlink leaves the data root") and reasons["escape_dir"] == reasons["escape.png"]
+    assert reasons["dangling.png"] == "broken symlink"
+    assert reasons["anim.gif"].startswith("unsupported type .gif")
+    assert reasons["folder.jpg"] == "a directory, not an image file"
+    assert reasons["tiny.png"] == "image 1x1 px is smaller than 16 px" and "64x15" in reasons["thin.png"]
+    kept = {Path(s.path).name for split in ("train", "val", "test") for s in index.split(split)}
+    assert "inside.png" in kept and len(kept) == 17 and not kept & set(reasons)
+    # the same reasons land in the run's skipped_files.csv
+    from training.run_io import write_skipped
+
+    write_skipped(index, tmp_path / "skipped_files.csv")
+    table = pd.read_csv(tmp_path / "skipped_files.csv")
+    assert dict(zip(table["path"].map(lambda p: Path(p).name), table["reason"])) == reasons
+
+
+def test_csv_index_rows_naming_a_folder_are_reported(tmp_path: Path) -> None:
+    _flat(tmp_path, 10, 10)
+    (tmp_path / "real" / "dir.png").mkdir()
+    rows = [f"{p.relative_to(tmp_path)},{p.parent.name}" for p in sorted(tmp_path.rglob("*.png")) if p.is_file()]
+    (tmp_path / "index.csv").write_text("path,label\n" + "\n".join(rows + ["real/dir.png,real"]) + "\n")
+    index = scan(DataConfig(data_dir=str(tmp_path / "index.csv")), seed=0)
+    assert [(Path(p).name, r) for p, r in index.skipped] == [("dir.png", "a directory, not an image file")]
 
 
 def test_load_time_failures_are_dropped_not_raised(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
