@@ -16,6 +16,7 @@ import json
 import logging
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -109,19 +110,21 @@ class _InProcess:
         return self.impl.predict(None, df, params)
 
 
-def score_images(scorer, paths: Sequence[str], batch_size: int = 32, threshold: float = 0.5
+def score_images(scorer, paths: Sequence[str], batch_size: int = 32, threshold: float = 0.5, num_workers: int = -1
                  ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
     """(predictions path, fake_prob, prediction[, label]; skipped (path, reason)) for readable images."""
     from dataio.data import check_image
 
-    reasons = [check_image(p) for p in paths]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # file reads and header checks overlap
+        reasons = list(pool.map(check_image, paths))
     skipped = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     for p, r in skipped:
         log.warning("event=image_skipped path=%s reason=%s", p, r)
     good = [p for p, r in zip(paths, reasons) if r is None]
     if not good:
         raise PredictError(f"none of the {len(paths)} images is readable")
-    df = pd.DataFrame(scorer.predict(pd.DataFrame({"path": good}), params={"batch_size": batch_size}))
+    df = pd.DataFrame(scorer.predict(pd.DataFrame({"path": good}), params={"batch_size": batch_size,
+                                                                           "num_workers": num_workers}))
     df["prediction"] = np.where(df["fake_prob"] >= threshold, "fake", "real")
     labels = [label_from_path(p) for p in df["path"]]
     if any(label is not None for label in labels):
@@ -197,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="predictions.csv", help="CSV to write (metrics.json goes beside it)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which an image is fake")
+    p.add_argument("--num-workers", type=int, default=-1,
+                   help="image decoding processes; -1: none for one batch, else up to 4")
     p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     a = p.parse_args(argv)
     from core.tracking import setup_cli
@@ -204,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_cli(a.tracking_uri)
     try:
         paths = collect_images(a.input)
-        df, skipped = score_images(load_scorer(a.model, a.run, a.checkpoint), paths, a.batch_size, a.threshold)
+        df, skipped = score_images(load_scorer(a.model, a.run, a.checkpoint), paths, a.batch_size, a.threshold,
+                                   a.num_workers)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -154,9 +155,47 @@ def load_image(path: str, size_hint: int | None = None) -> np.ndarray:
         raise bad_input(f"not a readable image: {path} ({type(e).__name__}: {str(e)[:120]})") from None
 
 
+class DecodedPaths(torch.utils.data.Dataset):
+    """Image files decoded once per JPEG draft size and transformed once per distinct member preprocessing;
+    runs in DataLoader workers. An unreadable file gives its request-error message instead of tensors."""
+
+    def __init__(self, paths: Sequence[str], preps: Sequence[tuple[Any, int]]) -> None:
+        self.paths, self.preps = list(paths), list(preps)  # (albumentations transform, decode size) each
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...] | str:
+        decoded: dict[int, np.ndarray] = {}
+        try:
+            for _, size in self.preps:
+                if size not in decoded:
+                    decoded[size] = load_image(self.paths[i], size)
+        except MlflowException as e:
+            return e.message
+        return tuple(transform(image=decoded[size])["image"] for transform, size in self.preps)
+
+
+def collate_decoded(items: list) -> list[torch.Tensor] | str:
+    """One (B,3,H,W) batch per preprocessing, or the first unreadable file's error message."""
+    errors = [x for x in items if isinstance(x, str)]
+    return errors[0] if errors else [torch.stack(group) for group in zip(*items)]
+
+
+def _one_cv2_thread(worker_id: int) -> None:  # noqa: ARG001
+    import cv2
+
+    cv2.setNumThreads(1)  # workers decode in parallel; OpenCV threads inside each would oversubscribe
+
+
+def default_workers(n_images: int, batch_size: int) -> int:
+    """Decoding workers: none for a single batch (a worker costs more than it saves), else up to 4."""
+    return 0 if n_images <= batch_size else min(4, os.cpu_count() or 1)
+
+
 # ------------------------------------------------------------------------------------ the model
 class _Member:
-    """A rebuilt detector with its eval transform and test-time augmentation flag."""
+    """A rebuilt detector (channels_last for conv nets) with its eval transform and test-time augmentation flag."""
 
     def __init__(self, checkpoint_file: str, device: torch.device) -> None:
         from augmentation.policies import build_transform
@@ -164,16 +203,24 @@ class _Member:
         from models.build import load_trained_model
 
         trained = load_trained_model(checkpoint_file, device)
-        cfg, self.net = trained.config, trained.model
+        cfg, self.net, self.channels_last = trained.config, trained.model, trained.channels_last
         dc = self.net.data_config
         self.transform = build_transform("none", cfg.data.image_size, dc["mean"], dc["std"], train=False,
                                          center_crop=cfg.data.center_crop)
         self.tta, self.device = cfg.train.use_tta, device
         self.size = decode_size(cfg.data.image_size, cfg.data.center_crop)
+        # members with equal preprocessing share one decoded, transformed batch
+        self.prep_key = (cfg.data.image_size, tuple(dc["mean"]), tuple(dc["std"]), cfg.data.center_crop)
+
+    def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        return self.logits_of(torch.stack([self.transform(image=im)["image"] for im in images]))
 
     @torch.inference_mode()
-    def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        x = torch.stack([self.transform(image=im)["image"] for im in images]).to(self.device)
+    def logits_of(self, x: torch.Tensor) -> np.ndarray:
+        """Logits of "fake" for a transformed batch (B,3,H,W)."""
+        from evaluation.inference import to_device
+
+        x = to_device(x, self.device, self.channels_last)
         out = self.net(x).float()
         if self.tta:  # as evaluation.inference.predict: mean of original and flipped logits
             out = (out + self.net(torch.flip(x, dims=[3])).float()) / 2
@@ -197,6 +244,25 @@ class ImageEnsembleModel(mlflow.pyfunc.PythonModel):
         self.members = [_Member(f, dev) for f in checkpoint_files]
         return self
 
+    def _path_logits(self, paths: list[str], batch: int, workers: int) -> np.ndarray:
+        """(N, K) member logits; files are decoded (JPEG draft at each member's size, as in training) and
+        transformed in `workers` DataLoader processes while the members score the previous batch."""
+        keys = list(dict.fromkeys(m.prep_key for m in self.members))
+        first = {key: next(m for m in self.members if m.prep_key == key) for key in keys}
+        loader = torch.utils.data.DataLoader(
+            DecodedPaths(paths, [(first[key].transform, first[key].size) for key in keys]), batch_size=batch,
+            num_workers=workers, collate_fn=collate_decoded, worker_init_fn=_one_cv2_thread if workers else None,
+            pin_memory=self.members[0].device.type == "cuda")
+        logits = np.zeros((len(paths), len(self.members)))
+        start = 0
+        for groups in loader:
+            if isinstance(groups, str):
+                raise bad_input(groups)
+            for k, member in enumerate(self.members):
+                logits[start:start + len(groups[0]), k] = member.logits_of(groups[keys.index(member.prep_key)])
+            start += len(groups[0])
+        return logits
+
     @classmethod
     def from_members(cls, members: Sequence[MemberSpec], weights: Sequence[float] | None = None,
                      rule: str = "prob", device: str = "auto") -> "ImageEnsembleModel":
@@ -217,17 +283,13 @@ class ImageEnsembleModel(mlflow.pyfunc.PythonModel):
             if missing:
                 more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
                 raise bad_input(f"image not found: {', '.join(missing[:3])}{more}")
-        logits = np.zeros((n, len(self.members)))
-        for start in range(0, n, batch):
-            decoded: dict[int, list[np.ndarray]] = {}  # per member image size: JPEG draft decode as in training
-            for k, member in enumerate(self.members):
-                if paths is None:
-                    images = list(arrays[start:start + batch])
-                else:
-                    if member.size not in decoded:
-                        decoded[member.size] = [load_image(p, member.size) for p in paths[start:start + batch]]
-                    images = decoded[member.size]
-                logits[start:start + batch, k] = member.logits(images)
+            workers = int((params or {}).get("num_workers", -1))
+            logits = self._path_logits(paths, batch, default_workers(n, batch) if workers < 0 else workers)
+        else:
+            logits = np.zeros((n, len(self.members)))
+            for start in range(0, n, batch):
+                for k, member in enumerate(self.members):
+                    logits[start:start + batch, k] = member.logits(list(arrays[start:start + batch]))
         s = self.spec
         prob = combine_scores(logits, s["rule"], s["weights"], [m["temperature"] for m in s["members"]],
                               [m["threshold"] for m in s["members"]], [m.get("reference") for m in s["members"]])
@@ -305,7 +367,8 @@ def signature() -> "mlflow.models.ModelSignature":
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
     return ModelSignature(outputs=Schema([ColSpec("string", "path", required=False), ColSpec("double", "fake_prob")]),
-                          params=ParamSchema([ParamSpec("batch_size", "long", 32)]))
+                          params=ParamSchema([ParamSpec("batch_size", "long", 32),
+                                              ParamSpec("num_workers", "long", -1)]))  # -1: default_workers
 
 
 def log_image_model(members: Sequence[MemberSpec], weights: Sequence[float] | None = None, name: str = "image_model",

@@ -21,7 +21,8 @@ from mlflow.exceptions import MlflowException
 from serving.predict import label_from_path
 from serving.predict import main as predict_main
 from serving.pyfunc_model import ImageEnsembleModel, log_image_model, member_from_checkpoint
-from test_ensemble import demo_images, tiny_member
+from evaluation.calibration import sigmoid
+from test_ensemble import demo_images, reference_probs, tiny_member
 
 NAME = "deepfake-detector"
 
@@ -53,6 +54,24 @@ def test_arrays_score_like_files_and_bad_requests_name_the_path(model: ImageEnse
         with pytest.raises(MlflowException) as exc:
             model.predict(None, bad)
         assert exc.value.get_http_status_code() == 400
+
+
+def test_decoding_workers_and_channels_last_keep_the_serial_scores(tmp_path: Path) -> None:
+    """Files decoded in worker processes, members in channels_last: the scores of a serial decode and a
+    contiguous forward within 1e-5, in input order, over several batches; a bad file still names itself."""
+    ckpts = [tiny_member(tmp_path, 0, 32), tiny_member(tmp_path, 1, 40)]  # two preprocessings
+    model = ImageEnsembleModel.from_members([member_from_checkpoint(c) for c in ckpts], [0.5, 0.5], device="cpu")
+    assert all(m.channels_last for m in model.members)
+    paths = demo_images(4)[::-1]
+    out = model.predict(None, pd.DataFrame({"path": paths}), params={"batch_size": 3, "num_workers": 2})
+    assert list(out["path"]) == paths
+    expected = np.mean([sigmoid(reference_probs(c, paths)) for c in ckpts], axis=0)
+    np.testing.assert_allclose(out["fake_prob"].to_numpy(), expected, rtol=0, atol=1e-5)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG not really")
+    with pytest.raises(MlflowException, match="not a readable image") as exc:
+        model.predict(None, pd.DataFrame({"path": paths + [str(bad)]}), params={"batch_size": 3, "num_workers": 2})
+    assert str(bad) in str(exc.value) and exc.value.get_http_status_code() == 400
 
 
 def test_label_from_path() -> None:
