@@ -185,7 +185,6 @@ class TrainConfig(_Section):
     # frozen backbone + no augmentation/mixup: backbone features computed once, epochs train the head on them
     feature_cache: Literal["auto", "off"] = "auto"
     feature_cache_ram_mb: int = Field(2048, ge=0)  # larger caches are memory-mapped files in the run folder
-    log_every: int = Field(20, ge=1)
 
     @field_validator("freeze_strategy")
     @classmethod
@@ -209,7 +208,7 @@ class TrackingConfig(_Section):
     run_name: Optional[str] = None
     log_model: bool = True
     log_checkpoint: bool = True
-    system_metrics: bool = False
+    system_metrics: bool = True  # CPU/GPU/memory/disk/network every 10 s (psutil; pynvml for GPUs)
     tags: dict[str, str] = Field(default_factory=dict)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from functools import partial
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,10 @@ def open_study(spec: SweepSpec, storage: RDBStorage, seed: int, create: bool) ->
     if study.direction.name.lower() != spec.study.direction:
         raise ConfigError(f"study '{spec.study.name}' already exists with direction {study.direction.name.lower()}; "
                           f"{spec.path} asks for {spec.study.direction} (use another --study_name)")
+    with warnings.catch_warnings():  # experimental API: names the objective in optuna-dashboard and the plots
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        if study.metric_names != [spec.study.metric]:
+            study.set_metric_names([spec.study.metric])
     before, now = study.user_attrs.get("settings_fingerprint"), spec.fingerprint
     if before != now:
         if before is not None and study.trials:
@@ -94,12 +99,15 @@ def study_figures(study: optuna.Study) -> list[tuple[str, Any]]:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     varying = any(len({repr(t.params.get(k)) for t in done}) > 1 for k in {k for t in done for k in t.params})
     curves = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
-    plots = [("optimization_history", vis.plot_optimization_history, bool(done), "no completed trial"),
+    name = (study.metric_names or ["Objective Value"])[0]  # the axis titles that would otherwise say "Objective"
+    plots = [("optimization_history", partial(vis.plot_optimization_history, target_name=name), bool(done),
+              "no completed trial"),
              ("param_importances", vis.plot_param_importances, len(done) >= 2 and varying,
               "needs 2 completed trials with varying params"),
-             ("parallel_coordinate", vis.plot_parallel_coordinate, bool(done), "no completed trial"),
+             ("parallel_coordinate", partial(vis.plot_parallel_coordinate, target_name=name), bool(done),
+              "no completed trial"),
              ("intermediate_values", vis.plot_intermediate_values, curves, "no reported epochs"),
-             ("slice", vis.plot_slice, bool(done), "no completed trial")]
+             ("slice", partial(vis.plot_slice, target_name=name), bool(done), "no completed trial")]
     out = []
     for name, fn, ok, why in plots:
         try:

@@ -28,6 +28,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
+from experiments import progress
 from experiments import sweep_report as report
 from experiments.search_space import SweepSpec, load_sweep
 from experiments.study import Heartbeat, best_trial, default_storage, make_storage, open_study, study_figures
@@ -66,6 +67,8 @@ class _Job:
     train_fn: TrainFn
     index: Any
     max_consecutive_fails: int
+    n_workers: int = 1
+    log_level: int = logging.INFO
 
 
 # ---------------------------------------------------------------------------- one trial
@@ -91,7 +94,7 @@ class _Objective:
 
     def __init__(self, job: _Job, gate: _Gate) -> None:
         self.job, self.gate, self.spec = job, gate, job.spec
-        self.last_state, self.last_reason = "", ""
+        self.last_state, self.last_reason, self.last_number = "", "", -1
 
     def __call__(self, trial: optuna.Trial) -> float:
         retry_of = trial.user_attrs.get("trial_number")  # copied from a stale trial by the retry callback
@@ -102,8 +105,10 @@ class _Objective:
         out_dir = Path(self.spec.base.train.output_dir) / "sweeps" / self.spec.study.name / f"trial-{trial.number:04d}"
         run = None
         if self.spec.base.tracking.enabled:
-            run = report.start_trial(trial.number, self.spec.study.name, self.job.parent_run_id, retry_of)
+            run, link = report.start_trial(trial.number, self.spec.study.name, self.job.parent_run_id, retry_of,
+                                           self.spec.base.tracking.system_metrics)
             trial.set_user_attr("mlflow_run_id", run)
+            trial.set_user_attr("mlflow_run_link", link)
         epochs = [0]
         state, reason = "FAIL", ""
 
@@ -128,8 +133,8 @@ class _Objective:
             trial.set_user_attr("output_dir", str(result.output_dir))
             state = "COMPLETE"
             return value
-        except optuna.TrialPruned:
-            state = "PRUNED"
+        except optuna.TrialPruned as e:
+            state, reason = "PRUNED", str(e)
             shutil.rmtree(out_dir, ignore_errors=True)  # pruned trials keep no checkpoints
             raise
         except BaseException as e:  # recorded, then re-raised: Optuna marks FAIL (KeyboardInterrupt stops)
@@ -142,9 +147,9 @@ class _Objective:
             raise
         finally:
             trial.set_user_attr("epochs_trained", epochs[0])
-            self.last_state, self.last_reason = state, reason
+            self.last_state, self.last_reason, self.last_number = state, reason, trial.number
             if run is not None:
-                report.end_trial(state, reason)
+                report.end_trial(state, reason if state == "FAIL" else "")
 
 
 # ---------------------------------------------------------------------------- workers
@@ -153,31 +158,57 @@ def _ours(study: optuna.Study, sweep_id: str) -> list[FrozenTrial]:
             if t.user_attrs.get("sweep_id") == sweep_id and t.state != TrialState.WAITING]
 
 
-def _work(job: _Job, lock: Any = None, worker: int = 0) -> int:
-    """Run trials until this invocation's budget, deadline or grid is used up; return trials run."""
+def _work(job: _Job, lock: Any = None, worker: int = 0) -> str:
+    """Run trials until this invocation's budget, deadline or grid is used up; return why it stopped:
+    budget | timeout | grid | failures."""
     if worker:  # a spawned process: its own logging and MLflow setup
-        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=job.log_level, format=f"%(asctime)s w{worker} %(levelname)s %(name)s: %(message)s")
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         report.configure(job.spec.base.tracking)
     study = open_study(job.spec, make_storage(job.storage, job.heartbeat), job.seed, create=False)
-    gate, ran, fails = _Gate(lock), 0, 0
+    gate, fails, why = _Gate(lock), 0, "budget"
     objective = _Objective(job, gate)
-    while job.deadline is None or time.time() < job.deadline:
-        gate.acquire()
-        try:
-            if len(_ours(study, job.sweep_id)) >= job.n_trials:
+    with progress.detail_at_debug():
+        while True:
+            if job.deadline is not None and time.time() >= job.deadline:
+                why = "timeout"
                 break
-            study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
-        finally:
-            gate.release()
-        ran += 1
-        fails = fails + 1 if objective.last_state == "FAIL" else 0
-        if fails >= job.max_consecutive_fails:
-            log.error("event=sweep_stop reason=consecutive_failures n=%d last=%r", fails, objective.last_reason)
-            break
-        sampler = study.sampler
-        if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
-            break
-    return ran
+            gate.acquire()
+            try:
+                if len(_ours(study, job.sweep_id)) >= job.n_trials:
+                    break
+                study.optimize(objective, n_trials=1, catch=(Exception,), gc_after_trial=True)
+            finally:
+                gate.release()
+            _log_trial(study, job, objective)
+            fails = fails + 1 if objective.last_state == "FAIL" else 0
+            if fails >= job.max_consecutive_fails:
+                log.error("event=sweep_stop reason=consecutive_failures n=%d last=%r", fails, objective.last_reason)
+                why = "failures"
+                break
+            sampler = study.sampler
+            if isinstance(sampler, optuna.samplers.GridSampler) and sampler.is_exhausted(study):
+                why = "grid"
+                break
+    return why
+
+
+def _log_trial(study: optuna.Study, job: _Job, objective: "_Objective") -> None:
+    """One INFO line for the trial just finished: k/N, state, value or reason, best so far, time, ETA."""
+    ours = [t for t in _ours(study, job.sweep_id) if t.state in FINISHED]
+    trial = next((t for t in ours if t.number == objective.last_number), None)
+    if trial is None:
+        return
+    seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in ours
+               if t.datetime_complete and t.datetime_start]
+    mean = sum(seconds) / len(seconds) if seconds else 0.0
+    eta = progress.eta_seconds(len(ours), job.n_trials, mean, job.n_workers,
+                               job.deadline - time.time() if job.deadline else None)
+    best = best_trial(study)
+    this = (trial.datetime_complete - trial.datetime_start).total_seconds() if trial.datetime_complete else 0.0
+    log.info(progress.trial_line(len(ours), job.n_trials, trial.number, trial.state.name, job.spec.study.metric,
+                                 trial.value, objective.last_reason, best and best.value, best and best.number,
+                                 this, eta))
 
 
 def _spawn(job: _Job, n_workers: int) -> None:
@@ -244,7 +275,8 @@ def run_sweep(
     deadline = time.time() + spec.study.timeout if spec.study.timeout else None
     job = _Job(spec=spec, storage=url, heartbeat=heartbeat, sweep_id=sweep_id, n_trials=spec.study.n_trials,
                deadline=deadline, parent_run_id=None, seed=spec.study.seed + len(study.trials),
-               train_fn=train_fn, index=index, max_consecutive_fails=max_consecutive_fails)
+               train_fn=train_fn, index=index, max_consecutive_fails=max_consecutive_fails, n_workers=n_workers,
+               log_level=logging.getLogger().getEffectiveLevel())
     log.info("event=sweep_start study=%s storage=%s n_trials=%d n_workers=%d existing_trials=%d",
              spec.study.name, report.safe_url(url), spec.study.n_trials, n_workers, len(study.trials))
     s = spec.study
@@ -253,32 +285,54 @@ def run_sweep(
         "study.seed": s.seed, "study.n_trials": s.n_trials, "study.n_workers": n_workers,
     }, dict(spec.base.tracking.tags)) if experiment_id else None
     job.parent_run_id = parent
-    status = "FAILED"
+    status, why, t0 = "FAILED", "budget", time.time()
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our one line per trial replaces Optuna's
     try:
         if n_workers > 1:
             _spawn(job, n_workers)
+            why = "timeout" if deadline is not None and time.time() >= deadline else "stopped early"
+            if isinstance(study.sampler, optuna.samplers.GridSampler) and study.sampler.is_exhausted(study):
+                why = "grid"
         else:
-            _work(job)
+            why = _work(job)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
+        optuna.logging.set_verbosity(verbosity)
         study = open_study(spec, rdb, spec.study.seed, create=False)
         ours = _ours(study, sweep_id)
         states = {st.name.lower(): sum(t.state == st for t in ours) for st in FINISHED}
+        if status == "FINISHED":
+            _log_end(spec, study, ours, states, why, time.time() - t0, max_consecutive_fails)
         if parent is not None:
             best = best_trial(study)
             report.finish_parent(
                 status, states, s.metric,
                 best and {"number": best.number, "value": best.value, "params": best.params,
                           "run_id": best.user_attrs.get("mlflow_run_id")},
-                study.trials_dataframe(), study_figures(study))
+                study.trials_dataframe(), study_figures(study),
+                report.description_markdown(s.name, s.metric, report.top_trials(
+                    study.get_trials(deepcopy=False, states=FINISHED), s.direction, k=10), states, experiment_id))
     best = best_trial(study)
     return SweepResult(study_name=spec.study.name, storage=report.safe_url(url), experiment_id=experiment_id,
                        parent_run_id=parent, n_trials_run=len(ours), states=states,
                        best_value=best.value if best else None, best_params=best.params if best else {},
                        top=report.top_trials(study.get_trials(deepcopy=False, states=FINISHED), spec.study.direction))
+
+
+def _log_end(spec: SweepSpec, study: optuna.Study, ours: list[FrozenTrial], states: dict[str, int], why: str,
+             seconds: float, max_fails: int) -> None:
+    """The sweep's last lines: why it stopped short of its budget (if it did), then the totals and the best."""
+    line = progress.stop_line(why, len(ours), spec.study.n_trials, spec.study.timeout, max_fails)
+    if line:
+        log.warning(line)
+    best = best_trial(study)
+    log.info("sweep %s: %d trials in %s (%s); best %s", spec.study.name, len(ours), progress.fmt_duration(seconds),
+             ", ".join(f"{v} {k}" for k, v in states.items()),
+             f"{spec.study.metric}={best.value:.4f} (trial {best.number})" if best else "-")
 
 
 def _scan(spec: SweepSpec) -> Any:
@@ -321,8 +375,10 @@ def main(argv: list[str] | None = None) -> int:
                           ("--pruner", ["median", "percentile", "hyperband", "none"]), ("--metric", None)):
         p.add_argument(flag, choices=choices)
     p.add_argument("--seed", type=int)
+    p.add_argument("--log_level", default="INFO", choices=["DEBUG", "INFO", "WARNING"],
+                   help="INFO: one line per trial; DEBUG adds each trial's setup and epoch lines")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=a.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from core.config import parse_set
 
     try:

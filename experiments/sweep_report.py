@@ -54,19 +54,23 @@ def start_parent(study_name: str, storage: str, sweep_file: str | Path, params: 
     return run.info.run_id
 
 
-def start_trial(number: int, study_name: str, parent_run_id: str | None, retry_of: int | None) -> str:
-    """Open `trial-<n>` before train() runs (train logs into the active run). In a worker process the
-    parent is not active here, so the child is attached with the mlflow.parentRunId tag."""
+def start_trial(number: int, study_name: str, parent_run_id: str | None, retry_of: int | None,
+                system_metrics: bool = False) -> tuple[str, str]:
+    """Open `trial-<n>` before train() runs (train logs into the active run); return its run id and UI link.
+    In a worker process the parent is not active here, so the child is attached with the mlflow.parentRunId tag."""
     import mlflow
+
+    from core.tracking import ui_link
 
     tags = {"study_name": study_name, "trial_number": str(number), "trial_state": "RUNNING"}
     if retry_of is not None:
         tags["retry_of_trial"] = str(retry_of)
     if mlflow.active_run() is not None:
-        run = mlflow.start_run(run_name=f"trial-{number}", nested=True, tags=tags)
+        run = mlflow.start_run(run_name=f"trial-{number}", nested=True, tags=tags, log_system_metrics=system_metrics)
     else:
-        run = mlflow.start_run(run_name=f"trial-{number}", tags={**tags, "mlflow.parentRunId": parent_run_id or ""})
-    return run.info.run_id
+        run = mlflow.start_run(run_name=f"trial-{number}", tags={**tags, "mlflow.parentRunId": parent_run_id or ""},
+                               log_system_metrics=system_metrics)
+    return run.info.run_id, ui_link(run.info.experiment_id, run.info.run_id)
 
 
 def log_trial_params(cfg: Config, keys: list[str]) -> None:
@@ -99,11 +103,14 @@ def close_stale(run_id: str) -> None:
 
 
 def finish_parent(status: str, counts: dict[str, int], metric: str, best: dict[str, Any] | None,
-                  trials: pd.DataFrame, figures: list[tuple[str, Any]]) -> None:
-    """Counts, best value/params, trials CSV and figures (self-contained HTML) on the parent; end it."""
+                  trials: pd.DataFrame, figures: list[tuple[str, Any]], description: str = "") -> None:
+    """Counts, best value/params, the description (top-trials table), trials CSV and Optuna's figures on the
+    parent; end it."""
     import mlflow
 
     try:
+        if description:
+            mlflow.set_tag("mlflow.note.content", description[:7900])  # the run page's Description
         mlflow.log_metrics({f"n_{k}": v for k, v in counts.items()})
         if best is not None:
             mlflow.log_metrics({"best_value": best["value"], f"best_{metric}": best["value"]})
@@ -113,8 +120,12 @@ def finish_parent(status: str, counts: dict[str, int], metric: str, best: dict[s
             csv = Path(tmp) / "trials.csv"
             trials.to_csv(csv, index=False)
             mlflow.log_artifact(str(csv), "optuna")
-        for name, fig in figures:  # plotly.js inlined (~5 MB each) so the UI shows them offline
-            mlflow.log_figure(fig, f"optuna/{name}.html", save_kwargs={"include_plotlyjs": True})
+            if figures:  # one page, plotly.js inlined once (~4.8 MB), so the UI shows every plot offline
+                from evaluation.dashboard import write_dashboard
+
+                page = write_dashboard(Path(tmp) / "plots.html", dict(figures), title="Optuna study",
+                                       subtitle=f"{len(figures)} plots from optuna.visualization")
+                mlflow.log_artifact(str(page), "optuna")
     finally:
         mlflow.end_run(status=status)
 
@@ -142,4 +153,22 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         value = f"{r['value']:.4f}" if r["value"] is not None else "-"
         params = " ".join(f"{k.split('.')[-1]}={f'{v:.3g}' if isinstance(v, float) else v}" for k, v in r["params"].items())
         lines.append(f"{r['number']:>5}  {value:>8}  {r['state']:<8}  {r['run_id'] or '-':<32}  {params}")
+    return "\n".join(lines)
+
+
+def description_markdown(study_name: str, metric: str, rows: list[dict[str, Any]], counts: dict[str, int],
+                         experiment_id: str | None) -> str:
+    """The parent run's Description (mlflow.note.content): counts and the top trials as a markdown table,
+    each linked to its run page."""
+    lines = [f"**Optuna study `{study_name}`**: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+             + " in this invocation. Top trials by `" + metric + "` (completed, then pruned, then failed):", "",
+             f"| trial | {metric} | state | params | run |", "|---:|---:|---|---|---|"]
+    for r in rows:
+        value = f"{r['value']:.4f}" if r["value"] is not None else "-"
+        params = ", ".join(f"{k.split('.')[-1]}={f'{v:.3g}' if isinstance(v, float) else v}"
+                           for k, v in r["params"].items()).replace("|", "/")
+        run = (f"[trial-{r['number']}](#/experiments/{experiment_id}/runs/{r['run_id']})"
+               if r["run_id"] and experiment_id else "-")
+        lines.append(f"| {r['number']} | {value} | {r['state']} | {params} | {run} |")
+    lines += ["", "Plots: artifact `optuna/plots.html`; all trials: `optuna/trials.csv`."]
     return "\n".join(lines)

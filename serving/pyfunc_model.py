@@ -334,12 +334,12 @@ def member_from_checkpoint(ref: str | Path, *, name: str | None = None, **calibr
 def member_from_run(run_id: str, **calibration: Any) -> MemberSpec:
     """A run's best checkpoint: the checkpoints/best.pt artifact, else best.pt in its local run_dir.
 
-    Unless given, the temperature is the one the run fitted on its validation set (metric `temperature`,
-    logged by its evaluation), so predictions from a run are calibrated as its report says."""
+    Unless given, the temperature is the one the run fitted on its validation set (its
+    evaluation/calibration.json), so predictions from a run are calibrated as its report says."""
     from core.checkpoints import CheckpointError
 
     if "temperature" not in calibration:
-        calibration["temperature"] = float(mlflow.get_run(run_id).data.metrics.get("temperature", 1.0))
+        calibration["temperature"] = run_temperature(run_id)
 
     try:
         return member_from_checkpoint(f"runs:/{run_id}/checkpoints/best.pt", name=run_id, **calibration)
@@ -349,6 +349,19 @@ def member_from_run(run_id: str, **calibration: Any) -> MemberSpec:
             return member_from_checkpoint(Path(run_dir) / "best.pt", name=run_id, **calibration)
         raise CheckpointError(f"run {run_id} has no checkpoint (no checkpoints/best.pt artifact, no run_dir/best.pt): "
                               f"{first}") from None
+
+
+def run_temperature(run_id: str) -> float:
+    """The temperature a run fitted on val: evaluation/calibration.json (metric `temperature` in runs logged
+    before it moved there); 1.0 when the run has neither (no evaluation, e.g. one-class val)."""
+    metric = mlflow.get_run(run_id).data.metrics.get("temperature")
+    if metric is not None:
+        return float(metric)
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/calibration.json")
+    except Exception:  # no such artifact
+        return 1.0
+    return float(json.loads(text).get("temperature", 1.0))
 
 
 def pip_requirements() -> list[str]:

@@ -230,8 +230,14 @@ def test_a_runs_model_uses_the_temperature_the_run_fitted(tmp_path: Path) -> Non
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
     ckpt = tiny_member(tmp_path, seed=0, image_size=32).rename(tmp_path / "best.pt")
     eid = mlflow.create_experiment("temperature", artifact_location=(tmp_path / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=eid) as run:
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation" / "calibration.json").write_text('{"method": "temperature", "temperature": 2.5}')
+    with mlflow.start_run(experiment_id=eid) as run:  # what training logs: evaluation/calibration.json
         mlflow.log_artifact(str(ckpt), "checkpoints")
-        mlflow.log_metric("temperature", 2.5)
+        mlflow.log_artifacts(str(tmp_path / "evaluation"), "evaluation")
     assert member_from_run(run.info.run_id).temperature == 2.5
     assert member_from_run(run.info.run_id, temperature=1.0).temperature == 1.0
+    with mlflow.start_run(experiment_id=eid) as old:  # runs logged before: the metric `temperature`
+        mlflow.log_artifact(str(ckpt), "checkpoints")
+        mlflow.log_metric("temperature", 1.5)
+    assert member_from_run(old.info.run_id).temperature == 1.5

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from optuna.trial import TrialState
 
 from experiments.sweep import Heartbeat, main, run_sweep
 from experiments.sweep_report import format_table, top_trials
+from plotly.offline import get_plotlyjs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -135,9 +137,19 @@ def test_tiny_sweep_trials_match_nested_mlflow_runs(tmp_path: Path, mlflow_uri: 
     assert parent.data.params["best_optim.lr"] == str(best.params["optim.lr"])
     assert parent.data.tags["study_name"] == "t" and parent.data.tags["sweep_file"].endswith("sweep.yaml")
     assert "git_commit" in parent.data.tags and parent.info.status == "FINISHED"
-    artifacts = {f.path for f in mlflow.MlflowClient().list_artifacts(res.parent_run_id, "optuna")}
-    assert {"optuna/trials.csv", "optuna/optimization_history.html", "optuna/intermediate_values.html",
-            "optuna/parallel_coordinate.html", "optuna/slice.html"} <= artifacts
+    artifacts = {f.path: f.file_size for f in mlflow.MlflowClient().list_artifacts(res.parent_run_id, "optuna")}
+    assert set(artifacts) == {"optuna/trials.csv", "optuna/plots.html"}
+    page = Path(mlflow.artifacts.download_artifacts(run_id=res.parent_run_id, artifact_path="optuna/plots.html",
+                                                    dst_path=str(tmp_path / "dl"))).read_text()
+    assert page.count("Plotly.newPlot") >= 4 and len(page) < 1.2 * len(get_plotlyjs())  # plotly.js inlined once
+    assert "Objective Value" not in page and "val_auc" in page  # set_metric_names: axes name the metric
+    # the parent's Description is the top-trials table, each row linked to its trial run
+    note = parent.data.tags["mlflow.note.content"]
+    assert f"| {best.number} | {best.value:.4f} | COMPLETE |" in note
+    assert f"(#/experiments/{res.experiment_id}/runs/{best.user_attrs['mlflow_run_id']})" in note
+    assert load(tmp_path).metric_names == ["val_auc"]
+    link = best.user_attrs["mlflow_run_link"]  # optuna-dashboard shows it beside the trial
+    assert link.startswith("http://127.0.0.1:5000/#/experiments/") and best.user_attrs["mlflow_run_id"] in link
     assert res.top[0]["state"] == "COMPLETE" and res.top[0]["value"] == pytest.approx(best.value)
     assert "trial" in format_table(res.top) and best.user_attrs["mlflow_run_id"] in format_table(res.top)
 
@@ -198,14 +210,64 @@ def test_resuming_with_changed_settings_warns(tmp_path: Path, caplog: pytest.Log
     assert len(load(tmp_path).trials) == 3  # a warning, not a refusal: the study still grows
 
 
-def test_timeout_stops_starting_new_trials(tmp_path: Path) -> None:
+def test_timeout_stops_starting_new_trials(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     def slow_train(cfg, **kw):
         time.sleep(0.5)
         return fake_train(cfg, **kw)
 
     t0 = time.time()
-    res = run_sweep(write_sweep(tmp_path, n_trials=100, timeout=1.0), storage=storage_url(tmp_path), train_fn=slow_train)
+    with caplog.at_level(logging.INFO):
+        res = run_sweep(write_sweep(tmp_path, n_trials=100, timeout=1.0), storage=storage_url(tmp_path),
+                        train_fn=slow_train)
     assert 1 <= res.n_trials_run <= 3 and time.time() - t0 < 30
+    said = [r for r in caplog.records if r.getMessage().startswith("timeout 1 s reached")]
+    assert len(said) == 1 and said[0].levelno == logging.WARNING
+    assert said[0].getMessage() == (f"timeout 1 s reached after {res.n_trials_run} of 100 trials; re-run to add "
+                                    "trials (or raise study.timeout / --timeout)")
+
+
+def chatty_train(cfg, *, index=None, epoch_callback=None):
+    """fake_train that logs like train() does: setup and epoch lines at INFO from the training packages."""
+    logging.getLogger("training.optim").info("optimizer=adamw group=backbone_decay")
+    logging.getLogger("models.factory").info("event=model_built")
+    return fake_train(cfg, index=index, epoch_callback=epoch_callback)
+
+
+def test_one_info_line_per_trial_and_setup_at_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    enqueue(tmp_path, GOOD, BROKEN, {**GOOD, "optim.lr": 3e-3}, WORSE)
+    with caplog.at_level(logging.INFO):
+        run_sweep(write_sweep(tmp_path, n_trials=4, pruner={"type": "median", "n_startup_trials": 2}),
+                  storage=storage_url(tmp_path), train_fn=chatty_train)
+    lines = [r.getMessage() for r in caplog.records if r.name == "experiments.sweep" and r.levelno == logging.INFO
+             and r.getMessage().startswith("trial ")]
+    assert len(lines) == 4, lines
+    assert re.fullmatch(r"trial 1/4 COMPLETE val_auc=0\.\d{4} best 0\.\d{4} \(trial 0\) \d+s ETA \d+s", lines[0])
+    assert re.fullmatch(r"trial 2/4 FAIL RuntimeError: loss is nan at epoch 0 batch 3; lower the LR or turn AMP off "
+                        r"best 0\.\d{4} \(trial 0\) \d+s ETA \d+s", lines[1]), lines[1]
+    assert re.fullmatch(r"trial 4/4 PRUNED val_auc=0\.\d{4} at epoch 0 best 0\.\d{4} \(trial [02]\) \d+s", lines[3])
+    assert not [r for r in caplog.records if r.name.startswith(("training", "models"))]  # not at INFO
+    assert any(m.startswith("sweep t: 4 trials in") for m in caplog.messages)
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG):  # --log_level DEBUG brings the setup lines back
+        run_sweep(write_sweep(tmp_path, n_trials=1), storage=storage_url(tmp_path), train_fn=chatty_train)
+    setup = [r for r in caplog.records if r.name in ("training.optim", "models.factory")]
+    assert len(setup) == 2 and {r.levelname for r in setup} == {"DEBUG"}
+    logging.getLogger("training.optim").info("outside a sweep")  # a single run keeps its INFO lines
+    assert caplog.records[-1].levelname == "INFO"
+
+
+def test_progress_formatting() -> None:
+    from experiments.progress import eta_seconds, fmt_duration, stop_line, trial_line
+
+    assert [fmt_duration(s) for s in (41, 130, 3900)] == ["41s", "2m10s", "1h05m"]
+    assert trial_line(3, 16, 2, "COMPLETE", "val_auc", 0.951, "", 0.951, 1, 130, 360) == \
+        "trial 3/16 COMPLETE val_auc=0.9510 best 0.9510 (trial 1) 2m10s ETA 6m"
+    assert trial_line(3, 16, 14, "FAIL", "val_auc", None, "ValueError: x", None, None, 3, None) == \
+        "trial 3/16 (#14) FAIL ValueError: x best - 3s"
+    assert eta_seconds(3, 16, 60.0, 2, None) == 390 and eta_seconds(3, 16, 60.0, 1, 100.0) == 100
+    assert stop_line("timeout", 16, 16, 600) is None
+    assert stop_line("timeout", 3, 16, 600.0) == ("timeout 600 s reached after 3 of 16 trials; re-run to add trials "
+                                                  "(or raise study.timeout / --timeout)")
 
 
 def test_two_workers_share_one_budget(tmp_path: Path, mlflow_uri: str) -> None:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from core.checkpoints import load_checkpoint
-from core.config import VAL_METRICS, Config
+from core.config import Config
 from models.outputs import ScoreModel
 
 if TYPE_CHECKING:
@@ -19,6 +19,19 @@ if TYPE_CHECKING:
     from core.tracking import RunTracker
 
 log = logging.getLogger(__name__)
+
+# What MLflow charts per epoch (everything else is in training_log.csv): losses, the two ranking metrics, the
+# head's learning rate and throughput, plus the monitor and the extra_val sets' AUCs when the run has them.
+EPOCH_CURVES = ("train_loss", "val_loss", "val_auc", "val_ap", "lr", "images_per_s")
+# Logged once at the end with the kept weights (the full report is evaluation/metrics.json).
+TEST_METRICS = ("auc", "ap", "eer", "accuracy", "loss")
+
+
+def epoch_curves(row: dict[str, float], monitor: str) -> dict[str, float]:
+    """The per-epoch metrics MLflow gets out of one training_log row."""
+    extra = {k for k in row if k.startswith("val_") and k.endswith("_auc") and k != "val_auc"}  # data.extra_val
+    keep = set(EPOCH_CURVES) | {monitor} | extra
+    return {k: v for k, v in row.items() if k in keep}
 
 
 @dataclass
@@ -94,13 +107,11 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
         "per_epoch": [{"epoch": int(r["epoch"]), "trainable": int(r["trainable_params"]), "frozen": int(r["frozen_params"])}
                       for r in trainer.history],
     }, indent=1))
-    report_metrics = run_report(val_table, test_table, history, run_dir / "evaluation")
-    per_epoch = set(history.columns)  # the report's val_* at the best epoch repeat per-epoch curves: not again
-    report_metrics = {k: v for k, v in report_metrics.items() if k not in per_epoch}
-    # best_<m>: the value at the kept (best) epoch, for the monitor and the cross-dataset metrics (ensemble selection)
-    at_best = {f"best_{k}": v for k, v in trainer.best_val_metrics.items()
-               if k.startswith("val_") and k.removeprefix("val_") not in VAL_METRICS}
-    final = {**test_metrics, **report_metrics, **at_best, "best_epoch": trainer.best_epoch,
+    run_report(val_table, test_table, history, run_dir / "evaluation")  # everything: evaluation/metrics.json
+    # best_<m>: each validation curve at the kept (best) epoch, the monitor included (ensemble selection)
+    curves = epoch_curves(trainer.best_val_metrics, cfg.train.monitor)
+    at_best = {f"best_{k}": v for k, v in curves.items() if k.startswith("val_")}
+    final = {**final_test_metrics(test_metrics, [e.name for e in trainer.extra_sets]), **at_best,
              f"best_{cfg.train.monitor}": trainer.best_metric}
     tracker.log_metrics(final, step=max(trainer.best_epoch, 0))
     if cfg.train.checkpoint_out and best_path.exists():
@@ -113,7 +124,7 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
     if cfg.tracking.log_checkpoint and best_path.exists():
         tracker.log_artifacts(best_path, "checkpoints")
     tracker.log_model(ScoreModel(trainer.eval_model), cfg.data.image_size)
-    tracker.set_tags({"run_status": status, "run_dir": str(run_dir.resolve())})
+    tracker.set_tags({"run_status": status, "run_dir": str(run_dir.resolve()), "best_epoch": str(trainer.best_epoch)})
     log.info("event=run_end status=%s best_epoch=%d best_%s=%.4f %s", status, trainer.best_epoch,
              cfg.train.monitor, trainer.best_metric, " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()))
     return TrainResult(
@@ -121,6 +132,12 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
         epochs_run=len(trainer.history), val_metrics=dict(trainer.best_val_metrics), test_metrics=test_metrics,
         output_dir=run_dir,
     )
+
+
+def final_test_metrics(test_metrics: dict[str, float], extra_names: list[str]) -> dict[str, float]:
+    """The few test_* metrics MLflow gets: TEST_METRICS on the run's test split, AUC on each extra_val set."""
+    keep = {f"test_{m}" for m in TEST_METRICS} | {f"test_{n}_auc" for n in extra_names}
+    return {k: v for k, v in test_metrics.items() if k in keep}
 
 
 def copy_atomic(src: Path, dst: Path) -> None:

@@ -29,7 +29,7 @@ from dataio.pipeline import data_config, make_loaders, scan_data
 from evaluation.inference import predict, predictions_table
 from evaluation.scoring import split_metrics
 from models.build import build_model
-from training.run_io import TrainResult, finish_run, index_table, start_tags
+from training.run_io import TrainResult, epoch_curves, finish_run, index_table, start_tags
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +163,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, seen, t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
         n = self.batches_per_epoch
-        bar = tqdm(itertools.islice(loader, n), total=n, desc=f"epoch {epoch}", leave=False, disable=None)
+        bar = tqdm(itertools.islice(loader, n), total=n, desc=f"epoch {epoch + 1}/{cfg.train.num_epochs}",
+                   leave=False, disable=None, mininterval=0.5)
+        shown = -math.inf  # when the bar's loss was last refreshed (reading it syncs the device)
         for i, (images, labels, _) in enumerate(bar):
             if len(images) == 0:
                 continue
@@ -179,8 +181,9 @@ class Trainer:
                 self._optimizer_update()
             loss_sum += loss.detach() * len(x)
             seen += len(x)
-            if i % cfg.train.log_every == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if not bar.disable and time.monotonic() - shown >= bar.mininterval:  # the running mean, live
+                bar.set_postfix(loss=f"{float(loss_sum) / max(seen, 1):.4f}", refresh=False)
+                shown = time.monotonic()
         seconds = time.perf_counter() - t0
         return {"train_loss": float(loss_sum) / max(seen, 1), "epoch_seconds": seconds,
                 "images_per_s": seen / max(seconds, 1e-9)}
@@ -279,7 +282,9 @@ class Trainer:
                 self.bad_epochs += 1
             self.history.append(row)
             pd.DataFrame(self.history).to_csv(self.run_dir / "training_log.csv", index=False)
-            tracker.log_metrics(row, step=epoch)  # before last.pt: a resumed run never lacks an epoch's curve
+            # the short set of curves (the full row is training_log.csv); before last.pt: a resumed run never
+            # lacks an epoch's curve
+            tracker.log_metrics(epoch_curves(row, t.monitor), step=epoch)
             atomic_save(self.state(epoch, tracker.run_id), self.run_dir / "last.pt")
             log.info("epoch=%d train_loss=%.4f val_loss=%.4f %s=%.4f lr=%.2e images_per_s=%.1f trainable=%d",
                      epoch, row["train_loss"], row.get("val_loss", math.nan), t.monitor, monitored, row["lr"],
