@@ -5,7 +5,8 @@
 Each image gets the largest face MTCNN finds (probability >= min_score); its box grown by `margin` into a
 square is shifted inside the image (a square bigger than the image shrinks to the image's shorter side:
 never padding, so no black border for a model to learn) and resized to `size` x `size`. The crop is a
-lossless PNG (no second JPEG compression on top of the data set's own). An image with no face is kept:
+lossless PNG (no second JPEG compression on top of the data set's own). A face filling the whole frame
+(which MTCNN misses) is looked for again on a grey-padded copy. An image with no face is kept:
 its crop is a centred square whose side is the median face-square/short-side ratio of the faces found in
 the same call (the whole short side when none was found), marked `fallback` and named in a warning.
 
@@ -14,7 +15,7 @@ Cache (default ~/.cache/dfsweep/faces, or $DFSWEEP_FACE_CACHE, or data.face_cach
     <root>/<settings key>/<file key>.json   its record (written last: a crop without one is redone)
     <root>/<settings key>/index-<set key>.parquet   the whole table of one path list (fast path)
 The file key is sha1(absolute path, size, mtime_ns): an edited or replaced image is detected again; the
-settings key covers margin, size, min_score and detect_max_side. Writes are atomic (temp + rename), so
+settings key covers margin, size, min_score, detect_max_side and CACHE_VERSION. Writes are atomic (temp + rename), so
 concurrent sweep workers at worst detect the same image twice.
 
 The table (the contract dataio.loaders, self-blending and the error gallery rely on), one row per path:
@@ -46,6 +47,7 @@ from preprocessing.faces import pick_face, shifted_square
 
 log = logging.getLogger(__name__)
 
+CACHE_VERSION = 2  # bump when the crop procedure changes: old entries are then not reused
 LANDMARK_COLUMNS = [f"lm{i}_{a}" for i in range(5) for a in ("x", "y")]
 COLUMNS = ["crop_path", "width", "height", "x1", "y1", "x2", "y2", "det_score", "fallback", *LANDMARK_COLUMNS]
 
@@ -64,7 +66,8 @@ class FaceCropSettings:
     detect_max_side: int = 640  # images are downscaled to this for detection (boxes mapped back)
 
     def key(self) -> str:
-        return "mtcnn-" + hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        doc = {**asdict(self), "version": CACHE_VERSION}
+        return "mtcnn-" + hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def default_cache_root() -> Path:
@@ -166,7 +169,18 @@ def _detect_missing(todo: list[tuple[str, str]], folder: Path, settings: FaceCro
     ratio = float(np.median(sides)) if sides else 1.0
     for p, k in no_face:
         rgb = read_rgb(p)
-        _write(folder, k, rgb, _fallback_record(rgb.shape[1], rgb.shape[0], ratio), settings.size)
+        rec = _detect_padded(rgb, settings, detector)
+        _write(folder, k, rgb, rec or _fallback_record(rgb.shape[1], rgb.shape[0], ratio), settings.size)
+
+
+def _detect_padded(rgb: np.ndarray, settings: FaceCropSettings, detector: Detector) -> dict | None:
+    """Second try for a face that fills the frame (MTCNN misses those): detect on a grey-padded copy and map
+    the box back. The padding is only for detection; the crop is cut from the image itself."""
+    h, w = rgb.shape[:2]
+    pad = int(round(0.25 * max(h, w)))
+    padded = np.pad(rgb, ((pad, pad), (pad, pad), (0, 0)), constant_values=127)
+    boxes, scores, points = detector.detect_landmarks(padded[None])[0]
+    return _face_record(rgb, boxes - pad, scores, points - pad, settings) if len(boxes) else None
 
 
 def face_crops(paths: Sequence[str], settings: FaceCropSettings = FaceCropSettings(),
