@@ -22,8 +22,10 @@ SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 .DEFAULT_GOAL := help
 .PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench bench-sweep clean
 
+HELP_VARS := PORT SERVE_PORT WORKERS TOP METRIC METHOD EXPERIMENT MARGIN
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n",$$1,$$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n",$$1,$$2}' \
+	  | sed $(foreach v,$(HELP_VARS),-e 's|$$($(v))|$($(v))|g')
 
 $(STAMP): requirements.txt requirements-offline-weights.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -54,8 +56,10 @@ sweep: $(STAMP) ## Optuna study (SWEEP=file DATA=dir TRIALS=n WORKERS=n); each t
 dashboard: $(STAMP) ## optuna-dashboard on the study storage at http://127.0.0.1:8080
 	.venv/bin/optuna-dashboard sqlite:///$(CURDIR)/mlruns/optuna.db --host 127.0.0.1 --port 8080
 
-ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT) (training view link printed)
-	@echo "open http://127.0.0.1:$(PORT)/#/experiments/1/runs?workflowType=machine_learning"
+ui: $(STAMP) ## MLflow UI on 127.0.0.1:$(PORT); prints each experiment's link, opens EXPERIMENT=name or the latest
+	@$(PY) -m core.tracking --tracking_uri sqlite:///$(CURDIR)/mlruns/mlflow.db --port $(PORT) \
+	  $(if $(filter command line environment,$(origin EXPERIMENT)),--experiment "$(EXPERIMENT)") 2>/dev/null \
+	  || echo "open http://127.0.0.1:$(PORT) (Model training view: add ?workflowType=machine_learning)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false .venv/bin/mlflow ui \
 	  --backend-store-uri sqlite:///$(CURDIR)/mlruns/mlflow.db -h 127.0.0.1 -p $(PORT) --workers 1
 

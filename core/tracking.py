@@ -79,6 +79,46 @@ def ui_link(experiment_id: str, run_id: str | None = None, port: int = 5000) -> 
     return f"{base}/runs/{run_id}?workflowType=machine_learning" if run_id else f"{base}/runs?workflowType=machine_learning"
 
 
+def experiment_overview(tracking_uri: str, name: str | None = None, port: int = 5000) -> str:
+    """What `make ui` prints: the store's experiments (latest run first) with their training-view links, then
+    the one to open: the experiment called `name`, else the one with the latest run."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    rows = []
+    for exp in client.search_experiments():
+        last = client.search_runs([exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"])
+        rows.append((last[0].info.start_time if last else 0, exp))
+    rows.sort(key=lambda r: -r[0])
+    lines = [f"experiments in {tracking_uri} (latest run first):"]
+    for start, exp in rows:
+        when = pd.Timestamp(start, unit="ms").strftime("%Y-%m-%d %H:%M") if start else "no runs"
+        lines.append(f"  {exp.experiment_id:>4}  {exp.name:<28} {when:<16}  {ui_link(exp.experiment_id, port=port)}")
+    chosen = next((e for _, e in rows if e.name == name), None) if name else None
+    if name and chosen is None:
+        lines.append(f"no experiment named {name!r} (names above)")
+    if chosen is None and rows and rows[0][0]:
+        chosen = rows[0][1]
+    if chosen is not None:
+        lines.append(f"open {ui_link(chosen.experiment_id, port=port)}   ({chosen.name})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m core.tracking --experiment NAME --port 5000`: the experiment overview `make ui` prints."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="List the MLflow experiments and the training-view link to open")
+    p.add_argument("--tracking_uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlruns/mlflow.db")
+    p.add_argument("--experiment", help="the experiment to open (default: the one with the latest run)")
+    p.add_argument("--port", type=int, default=5000)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    uri = a.tracking_uri or resolve_tracking_uri(TrackingConfig())
+    print(experiment_overview(uri, a.experiment, a.port))  # noqa: T201 (a CLI's output)
+    return 0
+
+
 def log_dataset_input(table: pd.DataFrame, source: str, name: str, digest: str, context: str) -> None:
     """Log a (path, label) table as the active run's dataset input (float labels: no integer-schema hint)."""
     import mlflow
@@ -203,3 +243,7 @@ class RunTracker:
             )
         mlflow.set_tag("model_uri", info.model_uri)
         return info.model_uri
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
