@@ -161,6 +161,16 @@ def score_dataset(trained, data_dir: str | Path, opts: EvalOptions, split: str |
                           batch_size=opts.batch_size, num_workers=opts.num_workers)
 
 
+def gallery_input(trained):
+    """paths -> what this model's evaluation loader feeds it (the error gallery's model-input thumbnails)."""
+    from functools import partial
+
+    from evaluation.gallery import model_input_images
+
+    dc = trained.model.data_config
+    return partial(model_input_images, trained.config, dc["mean"], dc["std"])
+
+
 def check_supported(trained, opts: EvalOptions) -> None:
     """The video (dual-stream) model takes clips: flip is its only TTA view and robustness is image-only."""
     if trained.config.model.is_video and (set(opts.tta.groups) - {"flip"} or opts.robustness):
@@ -230,7 +240,7 @@ def evaluate(source: Source, data_dir: str | Path, opts: EvalOptions, out_dir: s
     report = evaluate_predictions(
         val, data.table, history, out_dir, n_boot=opts.n_boot, seed=opts.seed, operating_point=opts.operating_point,
         write_png=opts.write_png, extra_figures=extra_figs, extra_tables=extra_tables,
-        title=f"Evaluation: {source.label} on {data.name}")
+        title=f"Evaluation: {source.label} on {data.name}", model_input=gallery_input(trained))
     files = dict(report.files)
     (out_dir / "predictions").mkdir(parents=True, exist_ok=True)
     files["predictions"] = out_dir / "predictions" / "eval.parquet"

@@ -25,7 +25,7 @@ from evaluation import figures as F
 from evaluation.aggregation import AGGREGATORS, aggregate_groups
 from evaluation.calibration import TemperatureScaler, calibration_report, logits_from_scores
 from evaluation.dashboard import write_dashboard, write_pngs
-from evaluation.gallery import subset_breakdown, write_error_gallery
+from evaluation.gallery import ModelInput, subset_breakdown, write_error_gallery
 from evaluation.metrics import MetricError, binary_metrics, bootstrap_ci
 from evaluation.thresholds import apply_thresholds, choose_thresholds
 
@@ -35,6 +35,15 @@ REQUIRED_COLUMNS = ("path", "label", "score")
 CALIBRATED_KEYS = ("ece", "mce", "ace", "log_loss", "brier")
 THRESHOLD_KEYS = ("accuracy", "precision", "recall", "f1", "fpr")
 HEADLINE = ("auc", "ap", "eer", "accuracy", "f1", "tpr_at_fpr_1pct", "log_loss", "brier", "ece", "n")
+
+
+def gallery_thresholds(thresholds: Mapping[str, float], operating_point: str, target_fpr: float) -> dict[str, float]:
+    """The error gallery's thresholds: the operating point chosen on val, 0.5, and val's low-FPR threshold."""
+    names = {"default": "0.5", "target_fpr": f"val FPR<={target_fpr:g}"}
+    out = {names.get(operating_point, f"val {operating_point}"): thresholds[operating_point]}
+    for key in ("default", "target_fpr"):
+        out.setdefault(names[key], thresholds[key])
+    return out
 
 
 @dataclass
@@ -186,12 +195,15 @@ def evaluate_predictions(
     extra_figures: Mapping[str, go.Figure] | None = None,
     extra_tables: Mapping[str, pd.DataFrame] | None = None,
     title: str = "Evaluation",
+    model_input: ModelInput | None = None,
 ) -> EvalReport:
     """Compute every metric, threshold, calibration and figure from prediction tables; write files.
 
     `operating_point` (a name from choose_thresholds) picks the threshold for the confusion matrix
     and the error gallery. `extra_figures` / `extra_tables` (e.g. robustness or cross-dataset
-    heatmaps) are appended to the dashboard. Raises MetricError when validation has one class.
+    heatmaps) are appended to the dashboard. The error gallery shows the operating point, 0.5 and the val
+    threshold at `target_fpr`; `model_input(paths)` (evaluation.gallery.model_input_images) puts what the
+    model saw beside each file. Raises MetricError when validation has one class.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -262,8 +274,9 @@ def evaluate_predictions(
     thr_table.to_csv(files["thresholds_csv"])
     files["dashboard_html"] = write_dashboard(out_dir / "dashboard.html", figs, tables, title,
                                               subtitle=f"evaluated split: {ev_name}; thresholds and T fitted on val")
-    files["errors_html"] = write_error_gallery(out_dir / "errors.html", ev, op_thr, gallery_k,
-                                               f"{title}: most confident errors ({ev_name}, {operating_point})")
+    files["errors_html"] = write_error_gallery(
+        out_dir / "errors.html", ev, gallery_thresholds(thresholds, operating_point, target_fpr), gallery_k,
+        f"{title}: errors on {ev_name} at val-chosen thresholds", model_input=model_input, subset_threshold=op_thr)
     if write_png:
         for p in write_pngs(figs, out_dir / "png"):
             files[f"png_{p.stem}"] = p

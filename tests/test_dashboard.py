@@ -151,10 +151,10 @@ def test_gallery_shows_k_most_confident_errors(tmp_path):
     thr, k = 0.5, 4
     html = build_error_gallery(df, thr, k)
     assert html.count('class="thumb fp"') == k and html.count('class="thumb fn"') == k
-    assert html.count("data:image/jpeg;base64,") == 2 * k
+    assert html.count("data:image/jpeg;base64,") == 2 * k + 4 * k  # errors + each class's k lowest and highest
     fp_scores = df[(df.label == 0) & (df.score >= thr)].score.nlargest(k)
-    first_fp = html.index('id="false-positives"')
-    assert f"P(fake)={fp_scores.iloc[0]:.4f}" in html[first_fp:html.index('id="false-negatives"')]
+    first_fp = html.index('id="fp-threshold"')
+    assert f"P(fake)={fp_scores.iloc[0]:.4f}" in html[first_fp:html.index('id="fn-threshold"')]
     df.loc[df.index, "path"] = str(tmp_path / "missing.png")  # unreadable files: placeholders, no crash
     assert build_error_gallery(df, thr, k).count('class="missing thumb fp"') == k
 
@@ -199,7 +199,12 @@ def test_evaluate_predictions_end_to_end(tmp_path):
                   "learning_curves"):
         assert f'id="panel-{panel}"' in html
     errors = (out / "errors.html").read_text()
-    assert errors.count('class="thumb fp"') == 8 and errors.count('class="thumb fn"') == 8
+    for name, t in (("val-eer", rep.thresholds["eer"]), ("0-5", 0.5), ("val-FPR--0-01", rep.thresholds["target_fpr"])):
+        section = errors[errors.index(f'id="at-{name}"'):]  # operating point, 0.5, val's low-FPR threshold
+        section = section[:section.index("</section>")]
+        n_fp, n_fn = int(((test.label == 0) & (test.score >= t)).sum()), int(((test.label == 1) & (test.score < t)).sum())
+        assert n_fp and n_fn, name
+        assert section.count('class="thumb fp"') == min(8, n_fp) and section.count('class="thumb fn"') == min(8, n_fn)
     assert 'id="subsets"' in errors
 
 

@@ -59,6 +59,7 @@ def test_evaluate_logs_a_child_run_under_the_source_run(tmp_path: Path, shared_d
     assert len(preds) == 20 and (preds["score_std"] > 0).all()
     html = (out / "dashboard.html").read_text()
     assert 'id="section-mc_dropout"' in html and 'id="section-learning_curves"' in html
+    assert 'class="input' in (out / "errors.html").read_text()  # the gallery shows what the model saw
     setup = json.loads((out / "metrics.json").read_text())["setup"]
     assert setup["source_run_id"] == rid and setup["n_images"] == 20
 

@@ -69,13 +69,14 @@ def write_skipped(index, path: Path) -> None:
 
 
 def run_report(val_table: pd.DataFrame | None, test_table: pd.DataFrame | None, history: pd.DataFrame | None,
-               out_dir: Path) -> dict[str, float]:
-    """The evaluation dashboard and metrics (evaluation.report); returns flat metrics for MLflow."""
+               out_dir: Path, model_input=None) -> dict[str, float]:
+    """The evaluation dashboard and metrics (evaluation.report); returns flat metrics for MLflow.
+    `model_input(paths)` gives the error gallery what the model saw (evaluation.gallery.model_input_images)."""
     if val_table is None or val_table["label"].nunique() < 2:
         return {}
     from evaluation.report import evaluate_predictions
 
-    report = evaluate_predictions(val_table, test_table, history, out_dir)
+    report = evaluate_predictions(val_table, test_table, history, out_dir, model_input=model_input)
     return dict(report.metrics)
 
 
@@ -107,7 +108,13 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
         "per_epoch": [{"epoch": int(r["epoch"]), "trainable": int(r["trainable_params"]), "frozen": int(r["frozen_params"])}
                       for r in trainer.history],
     }, indent=1))
-    run_report(val_table, test_table, history, run_dir / "evaluation")  # everything: evaluation/metrics.json
+    from functools import partial
+
+    from evaluation.gallery import model_input_images
+
+    dc = trainer.model.data_config
+    run_report(val_table, test_table, history, run_dir / "evaluation",  # everything: evaluation/metrics.json
+               partial(model_input_images, cfg, dc["mean"], dc["std"]))
     # best_<m>: each validation curve at the kept (best) epoch, the monitor included (ensemble selection)
     curves = epoch_curves(trainer.best_val_metrics, cfg.train.monitor)
     at_best = {f"best_{k}": v for k, v in curves.items() if k.startswith("val_")}
