@@ -34,6 +34,8 @@ gap:16px;padding:8px 24px 24px}section{background:#fff;border-radius:8px;padding
 section.table{grid-column:1/-1}h2{font-size:15px;margin:4px 0 8px}.plotly-graph-div{min-height:420px}
 table{border-collapse:collapse;font-size:12px}td,th{border-bottom:1px solid #e3e6eb;padding:3px 8px;text-align:right}
 th{background:#f0f2f5}.tablewrap{overflow-x:auto}.caption{font-size:12px;color:#555;margin:0 0 6px}
+section.group{grid-column:1/-1}.small{display:grid;grid-template-columns:repeat(auto-fill,minmax(320px,1fr));gap:8px}
+.small .plotly-graph-div{min-height:0}nav a.file{font-weight:600}
 """
 
 
@@ -43,9 +45,25 @@ def slug(name: str) -> str:
 
 
 def figure_html(fig: go.Figure, div_id: str) -> str:
-    """A figure as a <div> + inline script that expects plotly.js to be loaded already."""
+    """A figure as a <div> + inline script that expects plotly.js to be loaded already (its layout height,
+    else 420 px)."""
+    height = f"{int(fig.layout.height)}px" if fig.layout.height else "420px"
     return pio.to_html(fig, full_html=False, include_plotlyjs=False, div_id=div_id,
-                       config=PLOTLY_CONFIG, default_height="420px", default_width="100%")
+                       config=PLOTLY_CONFIG, default_height=height, default_width="100%")
+
+
+Panel = go.Figure | Mapping[str, go.Figure]  # a figure, or a group of small figures shown as one section
+
+
+def flat_figures(figures: Mapping[str, Panel]) -> dict[str, go.Figure]:
+    """Groups flattened to `<group>-<key>` (PNG export, counting)."""
+    out: dict[str, go.Figure] = {}
+    for key, fig in figures.items():
+        if isinstance(fig, Mapping):
+            out.update({f"{key}-{k}": f for k, f in fig.items()})
+        else:
+            out[key] = fig
+    return out
 
 
 def _fmt(v: float) -> str:
@@ -60,15 +78,19 @@ def table_html(df: pd.DataFrame) -> str:
     return head + df.to_html(classes="metrics", border=0, escape=True, na_rep="", float_format=_fmt)
 
 
-def build_dashboard(figures: Mapping[str, go.Figure], tables: Mapping[str, pd.DataFrame] | None = None,
-                    title: str = "Evaluation dashboard", subtitle: str | None = None) -> str:
-    """Self-contained HTML: tables first (key = heading), then one panel per figure.
+def build_dashboard(figures: Mapping[str, Panel], tables: Mapping[str, pd.DataFrame] | None = None,
+                    title: str = "Evaluation dashboard", subtitle: str | None = None,
+                    links: Mapping[str, str] | None = None) -> str:
+    """Self-contained HTML, plotly.js inlined once: tables first (key = heading), then one panel per figure.
 
-    Each figure panel is ``<section id="section-<key>">`` holding ``<div id="panel-<key>">``.
+    Each figure panel is ``<section id="section-<key>">`` holding ``<div id="panel-<key>">``; a group (a
+    mapping of small figures, e.g. learning curves one metric each) is one section of small panels
+    ``panel-<key>-<name>``. `links` (text -> relative URL, e.g. errors.html) head the navigation bar.
     """
     tables = tables or {}
     blocks: list[str] = []
-    nav: list[str] = []
+    nav: list[str] = [f'<a class="file" href="{html.escape(url)}">{html.escape(text)}</a>'
+                      for text, url in (links or {}).items()]
     for key, df in tables.items():
         sid = f"table-{slug(key)}"
         nav.append(f'<a href="#{sid}">{html.escape(key)}</a>')
@@ -77,6 +99,11 @@ def build_dashboard(figures: Mapping[str, go.Figure], tables: Mapping[str, pd.Da
     for key, fig in figures.items():
         sid = slug(key)
         nav.append(f'<a href="#section-{sid}">{html.escape(key)}</a>')
+        if isinstance(fig, Mapping):
+            panels = "".join(figure_html(f, f"panel-{sid}-{slug(k)}") for k, f in fig.items())
+            blocks.append(f'<section class="group" id="section-{sid}"><h2>{html.escape(key.replace("_", " ").capitalize())}'
+                          f'</h2><div class="small" id="panel-{sid}">{panels}</div></section>')
+            continue
         heading = fig.layout.title.text or key
         blocks.append(f'<section id="section-{sid}"><h2>{html.escape(str(heading))}</h2>'
                       f"{figure_html(fig, f'panel-{sid}')}</section>")
@@ -91,13 +118,13 @@ def build_dashboard(figures: Mapping[str, go.Figure], tables: Mapping[str, pd.Da
     ])
 
 
-def write_dashboard(path: str | Path, figures: Mapping[str, go.Figure],
+def write_dashboard(path: str | Path, figures: Mapping[str, Panel],
                     tables: Mapping[str, pd.DataFrame] | None = None, title: str = "Evaluation dashboard",
-                    subtitle: str | None = None) -> Path:
+                    subtitle: str | None = None, links: Mapping[str, str] | None = None) -> Path:
     """build_dashboard and write it (UTF-8) to `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_dashboard(figures, tables, title, subtitle), encoding="utf-8")
+    path.write_text(build_dashboard(figures, tables, title, subtitle, links), encoding="utf-8")
     return path
 
 
@@ -117,9 +144,10 @@ def find_chrome() -> str | None:
         return None
 
 
-def write_pngs(figures: Mapping[str, go.Figure], out_dir: str | Path, scale: float = 2.0) -> list[Path]:
-    """PNG of each figure via kaleido when a Chrome/Chromium binary exists; otherwise one warning
-    and an empty list (the HTML dashboard has everything)."""
+def write_pngs(figures: Mapping[str, Panel], out_dir: str | Path, scale: float = 2.0) -> list[Path]:
+    """PNG of each figure (groups flattened) via kaleido when a Chrome/Chromium binary exists; otherwise one
+    warning and an empty list (the HTML dashboard has everything)."""
+    figures = flat_figures(figures)
     chrome = find_chrome()
     if chrome is None:
         log.warning("png_export=skipped reason=no_chrome_binary hint='install chromium (or set BROWSER_PATH) "

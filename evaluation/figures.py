@@ -116,7 +116,7 @@ def score_distribution_figure(labels: ArrayLike, scores: ArrayLike, n_bins: int 
         frac = hist / max(hist.sum(), 1)
         fig.add_trace(go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=frac, width=1.0 / n_bins, opacity=0.55,
                              marker_color=color, name=f"{name} (n={int(hist.sum())})"))
-    _threshold_lines(fig, thresholds)
+    _threshold_lines(fig, thresholds, top=max([1e-9] + [float(np.max(t.y)) for t in fig.data]))
     fig.update_layout(barmode="overlay")
     return _layout(fig, title, "P(fake)", "Fraction of class")
 
@@ -132,35 +132,63 @@ def threshold_figure(labels: ArrayLike, scores: ArrayLike, thresholds: Mapping[s
     return _layout(fig, title, "Threshold (fake if score >= t)", "Value", yaxis={"range": [0, 1.02]})
 
 
-def _threshold_lines(fig: go.Figure, thresholds: Mapping[str, float] | None) -> None:
-    for name, t in (thresholds or {}).items():
-        if 0.0 <= t <= 1.0:
-            fig.add_vline(x=t, line={"dash": "dot", "width": 1, "color": "gray"},
-                          annotation_text=name, annotation_textangle=-90, annotation_font_size=10)
+def _threshold_lines(fig: go.Figure, thresholds: Mapping[str, float] | None, top: float = 1.0) -> None:
+    """Chosen thresholds as dotted vertical lines named in the legend ("eer = 0.512"): close thresholds
+    never print their labels over each other, and a click on the legend hides one."""
+    items = sorted(((t, n) for n, t in (thresholds or {}).items() if 0.0 <= t <= 1.0))
+    for i, (t, name) in enumerate(items):
+        fig.add_trace(go.Scatter(x=[t, t], y=[0, top], mode="lines", name=f"{name} = {t:.3f}",
+                                 line={"dash": "dot", "width": 1.5, "color": _THRESHOLD_COLORS[i % len(_THRESHOLD_COLORS)]},
+                                 hovertemplate=f"{name}: threshold {t:.4f}<extra></extra>"))
 
 
-def learning_curves_figure(history: pd.DataFrame, title: str = "Learning curves") -> go.Figure:
-    """Losses, validation metrics and learning rate per epoch from a training_log table."""
+_THRESHOLD_COLORS = ("#555555", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
+# One small panel per metric: (key, title, y-axis, columns it may draw: exact names or a prefix/suffix rule)
+_CURVE_PANELS = (
+    ("loss", "Loss", "loss"), ("auc", "ROC AUC", "AUC"), ("ap", "Average precision", "AP"),
+    ("eer", "Equal error rate", "EER"), ("f1", "F1 at 0.5", "F1"), ("lr", "Learning rate", "lr"),
+    ("throughput", "Training throughput", "images/s"),
+)
+
+
+def _curve_columns(history: pd.DataFrame, key: str) -> list[str]:
+    """The training_log columns one learning-curve panel draws (same metric, several splits or sets)."""
+    numeric = [c for c in history.columns if pd.api.types.is_numeric_dtype(history[c])]
+    if key == "loss":
+        return [c for c in ("train_loss", "val_loss") if c in numeric]
+    if key in ("auc", "ap"):  # the run's val split, then every data.extra_val set and their means
+        return [c for c in numeric if c.startswith("val_") and c.endswith(f"_{key}")]
+    if key in ("eer", "f1"):
+        return [c for c in (f"val_{key}",) if c in numeric]
+    if key == "lr":  # the head's lr, then parameter groups whose schedule differs from every one already drawn
+        cols: list[str] = []
+        for c in [c for c in numeric if c == "lr"] + [c for c in numeric if c.startswith("lr_")]:
+            if not any(np.allclose(history[c], history[d], equal_nan=True) for d in cols):
+                cols.append(c)
+        return cols
+    return [c for c in ("images_per_s",) if c in numeric]
+
+
+def learning_curve_figures(history: pd.DataFrame, height: int = 260) -> dict[str, go.Figure]:
+    """Small figures, one metric each (loss, AUC, AP, EER, F1, learning rate, throughput), from a
+    training_log table; a panel whose columns the run did not log is left out."""
     x = history["epoch"] if "epoch" in history.columns else pd.Series(range(len(history)))
-    loss_cols = [c for c in history.columns if c.endswith("loss") and pd.api.types.is_numeric_dtype(history[c])]
-    metric_cols = [c for c in history.columns if c.startswith(("val_", "train_")) and c not in loss_cols
-                   and pd.api.types.is_numeric_dtype(history[c])
-                   and history[c].dropna().between(0, 1).all()]
-    lr_cols = [c for c in history.columns if c == "lr" or c.startswith("lr_")]
-    panels = [(name, cols) for name, cols in (("Loss", loss_cols), ("Metric", metric_cols), ("Learning rate", lr_cols))
-              if cols]
-    if not panels:
+    out: dict[str, go.Figure] = {}
+    for key, title, axis in _CURVE_PANELS:
+        cols = _curve_columns(history, key)
+        if not cols:
+            continue
         fig = go.Figure()
-        fig.add_annotation(text="no plottable columns in history", showarrow=False)
-        return _layout(fig, title)
-    fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.07,
-                        subplot_titles=[p[0] for p in panels])
-    for r, (name, cols) in enumerate(panels, start=1):
-        for col in cols:
-            fig.add_trace(go.Scatter(x=x, y=history[col], mode="lines+markers", name=col), row=r, col=1)
-        fig.update_yaxes(title_text=name, type="log" if name == "Learning rate" else None, row=r, col=1)
-    fig.update_xaxes(title_text="Epoch", row=len(panels), col=1)
-    return _layout(fig, title, height=300 * len(panels))
+        for i, col in enumerate(cols):
+            fig.add_trace(go.Scatter(x=x, y=history[col], mode="lines+markers", name=col,
+                                     line={"dash": _DASH[i % len(_DASH)]}))
+        fig.update_layout(title={"text": title}, template=TEMPLATE, height=height, showlegend=len(cols) > 1,
+                          margin={"l": 55, "r": 10, "t": 40, "b": 40},
+                          legend={"orientation": "h", "y": -0.3, "font": {"size": 10}})
+        fig.update_xaxes(title_text="Epoch", dtick=1 if len(x) <= 12 else None)
+        fig.update_yaxes(title_text=axis, type="log" if key == "lr" else None)
+        out[key] = fig
+    return out
 
 
 def heatmap_figure(df: pd.DataFrame, title: str, fmt: str = ".3f", zmin: float | None = None,

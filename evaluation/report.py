@@ -120,7 +120,7 @@ def _group_level(splits: dict[str, pd.DataFrame], rule: str,
 
 def _figures(splits: dict[str, pd.DataFrame], groups: dict[str, pd.DataFrame], group_rule: str,
              scaler: TemperatureScaler, thresholds: dict[str, float], operating_point: str,
-             history: pd.DataFrame | None) -> dict[str, go.Figure]:
+             history: pd.DataFrame | None) -> dict[str, go.Figure | dict[str, go.Figure]]:
     """The standard dashboard panels for the evaluated (last) split."""
     ev_name, ev = list(splits.items())[-1]
     op_thr = thresholds[operating_point]
@@ -140,8 +140,9 @@ def _figures(splits: dict[str, pd.DataFrame], groups: dict[str, pd.DataFrame], g
         "threshold_sweep": F.threshold_figure(labels, scores, thresholds,
                                               title=f"Precision / recall / F1 vs threshold ({ev_name})"),
     }
-    if history is not None and len(history):
-        figs["learning_curves"] = F.learning_curves_figure(history)
+    curves = F.learning_curve_figures(history) if history is not None and len(history) else {}
+    if curves:
+        figs["learning_curves"] = curves  # small panels, one metric each
     return figs
 
 
@@ -273,7 +274,8 @@ def evaluate_predictions(
     files["metrics_json"].write_text(json.dumps(_jsonable({"flat": flat, **details}), indent=2))
     thr_table.to_csv(files["thresholds_csv"])
     files["dashboard_html"] = write_dashboard(out_dir / "dashboard.html", figs, tables, title,
-                                              subtitle=f"evaluated split: {ev_name}; thresholds and T fitted on val")
+                                              subtitle=f"evaluated split: {ev_name}; thresholds and T fitted on val",
+                                              links={"Most confident errors (errors.html)": "errors.html"})
     files["errors_html"] = write_error_gallery(
         out_dir / "errors.html", ev, gallery_thresholds(thresholds, operating_point, target_fpr), gallery_k,
         f"{title}: errors on {ev_name} at val-chosen thresholds", model_input=model_input, subset_threshold=op_thr)

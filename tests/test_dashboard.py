@@ -62,7 +62,7 @@ def _panel_figures():
         "roc": F.roc_figure({"val": (y, s)}), "pr": F.pr_figure({"val": (y, s)}),
         "reliability": F.reliability_figure({"val": (y, s)}), "confusion": F.confusion_figure(y, s, 0.5),
         "score_distribution": F.score_distribution_figure(y, s, thresholds=thr),
-        "threshold_sweep": F.threshold_figure(y, s, thr), "learning_curves": F.learning_curves_figure(HISTORY),
+        "threshold_sweep": F.threshold_figure(y, s, thr), "learning_curves": F.learning_curve_figures(HISTORY),
         "robustness": F.heatmap_figure(pd.DataFrame({"auc": [0.9, np.nan]}, index=["jpeg90", "blur"]), "Robustness"),
     }
 
@@ -93,6 +93,29 @@ def test_roc_marks_eer_point_and_confusion_counts():
     assert text[1][1].startswith(f"{tp}<br>")
 
 
+def test_learning_curves_are_small_panels_one_metric_each():
+    log = HISTORY.assign(val_eer=[0.3, 0.25, 0.2], val_gan_auc=[0.6, 0.65, 0.7], val_gan_ap=[0.6, 0.6, 0.7],
+                         lr_backbone=[1e-4, 5e-5, 1e-5], lr_classifier_decay=[1e-3, 5e-4, 1e-4],
+                         images_per_s=[50.0, 52.0, 51.0], trainable_params=[10, 10, 20])
+    figs = F.learning_curve_figures(log)
+    assert list(figs) == ["loss", "auc", "ap", "eer", "f1", "lr", "throughput"]
+    names = {k: [t.name for t in f.data] for k, f in figs.items()}
+    assert names["loss"] == ["train_loss", "val_loss"] and names["auc"] == ["val_auc", "val_gan_auc"]
+    assert names["lr"] == ["lr", "lr_backbone"]  # a group with the head's schedule is not drawn twice
+    assert all(len(n) <= 2 for n in names.values()) and all(f.layout.height <= 300 for f in figs.values())
+    assert figs["lr"].layout.yaxis.type == "log" and not figs["f1"].layout.showlegend
+
+
+def test_threshold_labels_cannot_overlap():
+    y, s, _ = _scores()
+    close = {"eer": 0.512, "youden_j": 0.5126, "best_f1": 0.5131, "default": 0.5}
+    for fig in (F.threshold_figure(y, s, close), F.score_distribution_figure(y, s, thresholds=close)):
+        assert not fig.layout.annotations  # no text drawn on the plot: each line is named in the legend
+        lines = [t for t in fig.data if t.name and " = " in t.name]
+        assert [t.name for t in lines] == ["default = 0.500", "eer = 0.512", "youden_j = 0.513", "best_f1 = 0.513"]
+        assert len({t.line.color for t in lines}) == 4
+
+
 def test_heatmap_from_dataframe_for_robustness_and_cross_dataset():
     cross = pd.DataFrame([[0.95, 0.71], [0.88, 0.80]], index=pd.Index(["run-a", "run-b"], name="run"),
                          columns=pd.Index(["ffpp", "celebdf"], name="dataset"))
@@ -108,9 +131,11 @@ def test_dashboard_holds_every_panel_and_no_external_url():
     tables = {"Summary": pd.DataFrame({"val": {"auc": 0.9, "n": 400.0}})}
     html = D.build_dashboard(figs, tables, title="Run <abc>")
     _assert_offline(html)
-    for key, fig in figs.items():
-        assert f'id="panel-{key}"' in html and f'id="section-{key}"' in html
+    for key, fig in D.flat_figures(figs).items():
+        assert f'id="panel-{key}"' in html
         assert fig.layout.title.text.split(" (")[0] in html
+    assert all(f'id="section-{key}"' in html for key in figs)
+    assert 'id="section-learning_curves"' in html and 'id="panel-learning_curves-lr"' in html
     assert "Run &lt;abc&gt;" in html and 'id="table-Summary"' in html and "<td>400</td>" in html
 
 
@@ -194,7 +219,10 @@ def test_evaluate_predictions_end_to_end(tmp_path):
     assert saved["calibration"]["fitted_on"] == "val" and saved["group"]["rule"] == "mean"
     assert set(saved["group"]["by_rule"]) == {"mean", "median", "max", "confident"}
     html = (out / "dashboard.html").read_text()
-    _assert_offline(html)
+    _assert_offline(html)  # plotly.js once for every panel
+    assert '<a class="file" href="errors.html">' in html  # the error gallery beside it
+    assert html.count('id="panel-learning_curves-') == 5  # loss, auc, ap, f1, lr: one metric each
+    assert len(html) < len(get_plotlyjs()) + 600_000
     for panel in ("roc", "pr", "reliability", "confusion", "score_distribution", "threshold_sweep",
                   "learning_curves"):
         assert f'id="panel-{panel}"' in html
