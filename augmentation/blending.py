@@ -128,20 +128,29 @@ def landmark_mask(
     max_alpha_range: tuple[float, float] = (0.6, 1.0),
     elastic: bool = True,
     cutoff: float = 1 / 255,
+    work_px: int = 128,
 ) -> np.ndarray:
     """SBI's mask from 5 landmarks: face outline hull, random erode/dilate, elastic warp, soft edges.
 
-    float32 (h, w) in [0, 1]; the peak is a random blend ratio in `max_alpha_range`."""
-    mask = _fill_hull(h, w, face_outline(landmarks, rng))
-    span = float(np.ptp(face_outline(landmarks), axis=0).max())
+    float32 (h, w) in [0, 1]; the peak is a random blend ratio in `max_alpha_range`. The (smooth) mask is
+    drawn with its short side at most `work_px` and resized up: 4x less work for a 256 px crop."""
+    f = min(1.0, work_px / min(h, w))
+    sh, sw = max(8, int(round(h * f))), max(8, int(round(w * f)))
+    lm = np.asarray(landmarks, np.float64).reshape(5, 2) * (sw / w, sh / h)
+    mask = _fill_hull(sh, sw, face_outline(lm, rng))
+    span = float(np.ptp(face_outline(lm), axis=0).max())
     k = max(1, int(round(rng.uniform(0.0, 0.08) * span)))
     mask = _erode_or_dilate(mask, k, rng)
     if elastic and mask.any():
         _ELASTIC.set_random_seed(int(rng.integers(2**31)))
-        scale = max(1.0, min(h, w) / 64.0)  # the warp's strength follows the image size
-        _ELASTIC.alpha, _ELASTIC.sigma = 30.0 * scale, 6.0 * scale
+        scale = min(sh, sw) / 64.0  # displacement ~ alpha / sigma: the same relative warp at any size
+        _ELASTIC.alpha, _ELASTIC.sigma = 30.0 * scale * scale, 6.0 * scale
         mask = _ELASTIC(image=mask)["image"]
-    return _soften(mask, rng, blur_range, max_alpha_range, cutoff)
+    soft = _soften(mask, rng, blur_range, max_alpha_range, cutoff)
+    if (sh, sw) != (h, w):
+        soft = cv2.resize(soft, (w, h), interpolation=cv2.INTER_LINEAR)
+        soft[soft < cutoff] = 0.0
+    return soft
 
 
 def blend(target: np.ndarray, source: np.ndarray, mask: np.ndarray) -> np.ndarray:
