@@ -223,3 +223,27 @@ def _report(table: pd.DataFrame) -> None:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         log.warning("no face found in %d of %d image(s); centre crop used: %s%s", len(bad), len(table),
                     ", ".join(bad[:5]), more)
+
+
+class FaceCropper:
+    """uint8 RGB image -> its face crop (size x size), made as face_crops makes it, without the cache: for
+    images that arrive as arrays (serving). A missing face gives the centred square of the short side.
+    Picklable (the detector is built lazily in each process)."""
+
+    def __init__(self, settings: FaceCropSettings, detector: Detector | None = None) -> None:
+        self.settings, self._detector = settings, detector
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings, "_detector": None}
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        if self._detector is None:
+            from preprocessing.faces import FaceDetector
+
+            self._detector = FaceDetector(detect_max_side=self.settings.detect_max_side)
+        s, h, w = self.settings, rgb.shape[0], rgb.shape[1]
+        as_uint8 = np.clip(rgb, 0, 255).astype(np.uint8) if rgb.dtype != np.uint8 else rgb
+        boxes, scores, points = self._detector.detect_landmarks(as_uint8[None])[0]
+        rec = (_face_record(rgb, boxes, scores, points, s) or _detect_padded(as_uint8, s, self._detector)
+               or _fallback_record(w, h, 1.0))
+        return _cut(rgb, rec, s.size)

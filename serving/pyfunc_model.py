@@ -194,6 +194,16 @@ def default_workers(n_images: int, batch_size: int) -> int:
 
 
 # ------------------------------------------------------------------------------------ the model
+class FaceCropFirst:
+    """An albumentations-style transform (`t(image=x)["image"]`) that face-crops the image before `then`."""
+
+    def __init__(self, crop: Any, then: Any) -> None:
+        self.crop, self.then = crop, then
+
+    def __call__(self, *, image: np.ndarray) -> dict[str, Any]:
+        return self.then(image=self.crop(image))
+
+
 class _Member:
     """A rebuilt detector (channels_last for conv nets) with its eval transform and test-time augmentation flag."""
 
@@ -209,8 +219,16 @@ class _Member:
                                          center_crop=cfg.data.center_crop)
         self.tta, self.device = cfg.train.use_tta, device
         self.size = decode_size(cfg.data.image_size, cfg.data.center_crop)
+        d = cfg.data
+        if d.face_crop == "mtcnn":  # the run's MTCNN face crop first, cut from the full-resolution image
+            from preprocessing.face_cache import FaceCropper, FaceCropSettings
+
+            self.transform = FaceCropFirst(FaceCropper(FaceCropSettings(margin=d.face_margin, size=d.face_size)),
+                                           self.transform)
+            self.size = None
         # members with equal preprocessing share one decoded, transformed batch
-        self.prep_key = (cfg.data.image_size, tuple(dc["mean"]), tuple(dc["std"]), cfg.data.center_crop)
+        self.prep_key = (cfg.data.image_size, tuple(dc["mean"]), tuple(dc["std"]), cfg.data.center_crop,
+                         d.face_crop, d.face_margin, d.face_size)
 
     def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.logits_of(torch.stack([self.transform(image=im)["image"] for im in images]))

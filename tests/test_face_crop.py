@@ -157,3 +157,31 @@ def test_evaluation_face_crop_per_dataset(shared_data: Path, tmp_path: Path, mon
     assert with_face_crop(trained, "mtcnn").config.data.face_crop == "mtcnn"
     assert crosseval_cli.main(["--runs", str(ckpt), "--datasets", str(data), "--face_crop", "none", "mtcnn",
                                "mtcnn", "--output_dir", str(out), "--no_tracking"]) == 2
+
+
+def test_served_model_of_a_face_crop_run_crops_like_training(shared_data: Path, tmp_path: Path) -> None:
+    """A pyfunc member trained with face_crop=mtcnn scores a photo (path or array) exactly as the run scored
+    its cached crop."""
+    import torch
+
+    from core.checkpoints import atomic_save
+    from models import create_detector
+    from serving.pyfunc_model import ImageEnsembleModel, member_from_checkpoint
+
+    photos = lfw(shared_data, "real", 1) + lfw(shared_data, "fake", 1)
+    plain = load_config(overrides={"model.model_type": "test_efficientnet", "model.pretrained": False,
+                                   "data.image_size": 32, "data.num_workers": 0})
+    cropped = plain.with_overrides({"data.face_crop": "mtcnn", "data.face_size": 64})
+    torch.manual_seed(0)
+    state = create_detector(plain.model, 1, image_size=32).state_dict()
+    members = {}
+    for name, cfg in (("plain", plain), ("crop", cropped)):
+        ckpt = atomic_save({"model": state, "config": cfg.model_dump(mode="json")}, tmp_path / name / "best.pt")
+        members[name] = ImageEnsembleModel.from_members([member_from_checkpoint(ckpt)], device="cpu")
+    table = face_crops(photos, FaceCropSettings(size=64), tmp_path / "cache")
+    on_crops = members["plain"].predict(None, pd.DataFrame({"path": list(table["crop_path"])}))["fake_prob"]
+    served = members["crop"].predict(None, pd.DataFrame({"path": photos}), params={"num_workers": 0})["fake_prob"]
+    np.testing.assert_allclose(served, on_crops, atol=1e-6)
+    arrays = members["crop"].predict(None, np.stack([read_rgb(p) for p in photos]))["fake_prob"]
+    np.testing.assert_allclose(arrays, on_crops, atol=1e-6)
+    assert not np.allclose(members["plain"].predict(None, pd.DataFrame({"path": photos}))["fake_prob"], on_crops)
