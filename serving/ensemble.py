@@ -120,15 +120,32 @@ def read_predictions(run_id: str, split: str, tmp: str) -> pd.DataFrame | None:
     return pd.read_parquet(local)
 
 
+def report_metric(run_id: str, metric: str) -> float:
+    """`metric` from a run's evaluation/metrics.json ("flat" section); NaN when the run has no such file or key."""
+    try:
+        flat = json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/evaluation/metrics.json")).get("flat", {})
+    except Exception:  # no evaluation logged (e.g. one-class val) or an unreadable store
+        return math.nan
+    v = flat.get(metric)
+    return float(v) if v is not None else math.nan
+
+
 def select_members(runs: Sequence[Any], top: int, metric: str, keep_all: bool = False) -> list[MemberRun]:
-    """The best `top` runs by `metric` (best_<metric> when logged) that have val and test predictions."""
+    """The best `top` runs by `metric` that have val and test predictions. The value is best_<metric> (at the
+    kept epoch) when logged, else the metric itself, else the run's evaluation/metrics.json (where the
+    metrics MLflow does not chart live, e.g. val_eer or val_f1 of the kept weights)."""
     sign = -1.0 if higher_is_better(metric) else 1.0
     if metric.startswith("test_"):
         log.warning("event=select_on_test metric=%s (selecting members on test leaks the test set)", metric)
+    cache: dict[str, float] = {}
 
     def value(run) -> float:
-        m = run.data.metrics
-        return float(m.get(f"best_{metric}", m.get(metric, math.nan)))
+        m, rid = run.data.metrics, run.info.run_id
+        if f"best_{metric}" in m or metric in m:
+            return float(m.get(f"best_{metric}", m.get(metric)))
+        if rid not in cache:
+            cache[rid] = report_metric(rid, metric)
+        return cache[rid]
 
     ranked = sorted(runs, key=lambda r: (math.isnan(value(r)), 0.0 if math.isnan(value(r)) else sign * value(r)))
     members: list[MemberRun] = []

@@ -1,6 +1,8 @@
 """Ensembles from logged predictions: weights, methods, run selection, the ensemble image model."""
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import mlflow
@@ -126,6 +128,14 @@ def test_selection_by_experiment_and_study_skips_runs_without_predictions(tmp_pa
     members = select_members(candidate_runs(run_ids=[ids["fourth"], ids["second"]]), top=5, metric="val_auc",
                              keep_all=True)
     assert [m.name for m in members] == ["second", "fourth"]
+    # a metric MLflow does not chart (val_eer) is read from the run's evaluation/metrics.json
+    for name, eer in (("second", 0.3), ("third", 0.1)):
+        report = tmp_path / f"{name}-eval" / "metrics.json"
+        report.parent.mkdir()
+        report.write_text(json.dumps({"flat": {"val_eer": eer}}))
+        mlflow.log_artifact(str(report), "evaluation", run_id=ids[name])
+    members = select_members(candidate_runs(study="s1"), top=5, metric="val_eer")  # lower is better
+    assert [(m.name, m.metric) for m in members] == [("third", 0.1), ("second", 0.3)]
     with pytest.raises(EnsembleError, match="not found"):
         candidate_runs(experiment="missing")
     with pytest.raises(EnsembleError, match="no finished runs"):
