@@ -175,3 +175,23 @@ def test_config_keys_and_sweep_space(tmp_path: Path) -> None:
     trial = spec.trial_config(params)
     assert trial.aug.self_blend_prob == 0.5 and trial.aug.self_blend_mask == "ellipse"
     assert trial.aug.artifact_prob == 0.25
+
+
+def test_landmarks_mode_detects_once_and_maps_to_the_whole_photo(shared_data: Path, tmp_path: Path) -> None:
+    real = lfw(shared_data, "real", 2)
+    index = DataIndex(train=[Sample(real[0], 0), Sample(real[1], 0), Sample(lfw(shared_data, "fake", 1)[0], 1)],
+                      val=[], test=[])
+    cfg = load_config(overrides={"aug.self_blend_prob": 1.0, "aug.self_blend_mask": "landmarks", "data.image_size": 64,
+                                 "data.face_cache": str(tmp_path), "data.num_workers": 0, "data.batch_size": 3})
+    ds = build_loaders(index, cfg, MEAN, STD)["train"].dataset
+    assert [s.path for s in ds.samples] == [s.path for s in index.train]  # whole photos are read, not crops
+    table = face_crops(real, FaceCropSettings(), tmp_path)  # what the loader detected (now cached)
+    for path in real:
+        lm, size = ds.pseudo_fakes.landmarks[path]
+        assert size == (250, 250) and np.allclose(lm, table.loc[path, ["x1", "y1"]].to_numpy(float)
+                                                  + landmarks(table.loc[path]) * (table.loc[path, "x2"]
+                                                                                  - table.loc[path, "x1"]) / 256)
+        img = load_rgb(path, ds.image_size)  # JPEG draft decode: may be smaller than the file
+        mask = ds.pseudo_fakes.mask(img, path, np.random.default_rng(0))
+        scaled = lm * (img.shape[1] / 250, img.shape[0] / 250)
+        assert np.linalg.norm(_centroid(mask) - scaled.mean(axis=0)) < 0.1 * img.shape[0]
