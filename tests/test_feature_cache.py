@@ -100,7 +100,8 @@ def test_cache_is_off_when_backbone_features_change(tmp_path: Path, override: di
     assert reason in (cache_blocker(cfg, in_training_state(cfg)) or "")
 
 
-@pytest.mark.parametrize("override", [{"data.aug_policy": "basic"}, {"aug.use_mixup": True}], ids=["aug", "mixup"])
+@pytest.mark.parametrize("override", [{"data.aug_policy": "basic"}, {"aug.use_mixup": True},
+                                      {"train.max_steps_per_epoch": 1}], ids=["aug", "mixup", "partial-pass"])
 def test_runs_with_augmentation_or_mixup_recompute_features(tmp_path: Path, override: dict) -> None:
     result = train(cfg_for(tmp_path, "aug", **{**override, "train.num_epochs": 1}))
     assert not used_cache(result)

@@ -225,6 +225,9 @@ class Trainer:
         self.model.train()
         set_train_mode(self.model)
         reason = cache_blocker(self.cfg, self.model)
+        epochs_left = self.cfg.train.num_epochs - self.start_epoch
+        if reason is None and epochs_left * self.batches_per_epoch < len(self.loaders["train"]):
+            reason = "the run draws fewer batches than one pass over the train split (train.max_steps_per_epoch)"
         if reason is not None:
             if self.cfg.train.freeze_strategy == "frozen":
                 log.info("event=feature_cache_off reason=%s", reason)
