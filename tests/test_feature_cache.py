@@ -91,6 +91,8 @@ def test_frozen_deterministic_run_can_cache(tmp_path: Path) -> None:
     ({"data.aug_policy": "basic"}, "aug_policy=basic is random"),
     ({"data.aug_policy": "randaugment:2:9"}, "is random"),
     ({"aug.use_mixup": True}, "mixup"),
+    ({"aug.self_blend_prob": 0.3}, "aug.self_blend_prob changes images"),
+    ({"aug.artifact_prob": 0.3}, "aug.artifact_prob changes images"),
     ({"model.drop_path_rate": 0.2}, "random in training"),
     ({"train.freeze_strategy": "progressive"}, "trains the backbone"),
     ({"train.feature_cache": "off"}, "feature_cache=off"),

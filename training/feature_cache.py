@@ -68,6 +68,9 @@ def cache_blocker(cfg: Config, model: nn.Module) -> str | None:
         return f"data.aug_policy={cfg.data.aug_policy} is random (use none)"
     if cfg.aug.use_mixup:
         return "aug.use_mixup mixes images"
+    pseudo = [k for k in ("self_blend_prob", "artifact_fake_prob", "artifact_prob") if getattr(cfg.aug, k) > 0]
+    if pseudo:
+        return f"aug.{pseudo[0]} changes images (and labels) every epoch"
     if any(p.requires_grad for p in model.backbone.parameters()):
         return "backbone parameters are trainable"
     stochastic = stochastic_layers(model.backbone)
