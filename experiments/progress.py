@@ -2,7 +2,7 @@
 per-trial setup chatter of the training code moved to DEBUG.
 
     trial 3/16 COMPLETE val_auc=0.9510 best 0.9510 (trial 1) 2m10s ETA 6m
-    trial 4/16 PRUNED val_auc=0.7100 at epoch 1 best 0.9510 (trial 1) 41s ETA 5m
+    trial 4/16 PRUNED val_auc=0.7100 at epoch 2/5 best 0.9510 (trial 1) 41s ETA 5m
     trial 5/16 FAIL RuntimeError: loss is nan ... best 0.9510 (trial 1) 3s ETA 5m
 
 Plain values in; no Optuna import (experiments/sweep.py talks to Optuna).

@@ -119,7 +119,8 @@ class _Objective:
                 raise KeyError(f"epoch metrics have no '{metric}' (have {', '.join(sorted(metrics))})")
             trial.report(float(metrics[metric]), step=int(epoch))
             if trial.should_prune():
-                raise optuna.TrialPruned(f"{metric}={metrics[metric]:.4f} at epoch {epoch}")
+                raise optuna.TrialPruned(  # epochs counted from 1, as the progress bar does
+                    f"{metric}={metrics[metric]:.4f} at epoch {epoch + 1}/{self.spec.base.train.num_epochs}")
 
         try:
             cfg = self.spec.trial_config(params, {"train.output_dir": str(out_dir),

@@ -244,7 +244,7 @@ def test_one_info_line_per_trial_and_setup_at_debug(tmp_path: Path, caplog: pyte
     assert re.fullmatch(r"trial 1/4 COMPLETE val_auc=0\.\d{4} best 0\.\d{4} \(trial 0\) \d+s ETA \d+s", lines[0])
     assert re.fullmatch(r"trial 2/4 FAIL RuntimeError: loss is nan at epoch 0 batch 3; lower the LR or turn AMP off "
                         r"best 0\.\d{4} \(trial 0\) \d+s ETA \d+s", lines[1]), lines[1]
-    assert re.fullmatch(r"trial 4/4 PRUNED val_auc=0\.\d{4} at epoch 0 best 0\.\d{4} \(trial [02]\) \d+s", lines[3])
+    assert re.fullmatch(r"trial 4/4 PRUNED val_auc=0\.\d{4} at epoch 1/3 best 0\.\d{4} \(trial [02]\) \d+s", lines[3])
     assert not [r for r in caplog.records if r.name.startswith(("training", "models"))]  # not at INFO
     assert any(m.startswith("sweep t: 4 trials in") for m in caplog.messages)
     caplog.clear()

@@ -1,6 +1,8 @@
 """End-to-end: train(cfg) on tiny models lands in MLflow, resumes exactly, reaches real accuracy."""
 from __future__ import annotations
 
+import io
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +36,18 @@ def tiny_cfg(tmp_path: Path, **extra):
 
 def test_two_epoch_demo_run_lands_in_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # default 10 s: longer than this run
+    import training.trainer as trainer_module
+
+    bars: list[tuple[object, io.StringIO]] = []
+
+    def shown_tqdm(*args, **kwargs):  # the epoch bar as a terminal would show it, refreshed every step
+        out = io.StringIO()
+        bar = real_tqdm(*args, **{**kwargs, "disable": False, "file": out, "mininterval": 0})
+        bars.append((bar, out))
+        return bar
+
+    real_tqdm = trainer_module.tqdm
+    monkeypatch.setattr(trainer_module, "tqdm", shown_tqdm)
     result = train(tiny_cfg(tmp_path, **{"tracking.run_name": "demo-2ep"}))
     assert result.status == "COMPLETE" and result.epochs_run == 2
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -55,6 +69,10 @@ def test_two_epoch_demo_run_lands_in_mlflow(tmp_path: Path, monkeypatch: pytest.
                              "best_val_auc", "best_val_ap", "test_auc", "test_ap", "test_eer", "test_accuracy",
                              "test_loss"}, model_metrics
     assert run.data.tags["best_epoch"] == str(result.best_epoch)
+    assert [bar.desc for bar, _ in bars] == ["epoch 1/2", "epoch 2/2"]  # "/N", counted from 1
+    frames = bars[0][1].getvalue().split("\r")
+    losses = {m.group(1) for f in frames if (m := re.search(r"loss=(\d\.\d{4})", f))}
+    assert len(losses) >= 2  # the running loss moves within the epoch (4 steps), not every 20 steps
     arts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"config.yaml", "training_log.csv", "predictions", "parameter_summary.json", "skipped_files.csv",
             "checkpoints"} <= arts
