@@ -10,7 +10,7 @@ tensors (no decoding: the ceiling). Rounds alternate the sides; ratios are media
 load drifting on a shared machine hits the sides of one round alike.
 
     python bench/inference.py [--model_type mobilenetv2] [--image_size 160] [--images 192] [--batch_size 32]
-                              [--workers 2] [--rounds 5] [--data ../shared/data/lfw_faceswap]
+                              [--workers 2] [--rounds 5] [--only] [--data ../shared/data/lfw_faceswap]
 """
 from __future__ import annotations
 
@@ -78,6 +78,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2, help="decoding workers on both sides")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    p.add_argument("--only", action="store_true", help="time ours and bare only (more rounds in the same time)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     log.setLevel(logging.INFO)
@@ -103,6 +104,8 @@ def main() -> None:
                                                                    num_workers=0)[0]["fake_prob"].to_numpy(),
         "bare forward on decoded tensors": lambda: bare(det, decoded),
     }
+    if args.only:
+        sides = {k: sides[k] for k in ("ours", "bare")}
     seconds: dict[str, list[float]] = {k: [] for k in sides}
     scores: dict[str, np.ndarray] = {}
     for r in range(args.rounds):
