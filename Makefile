@@ -20,7 +20,7 @@ SERVE_PORT ?= 5001
 SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench bench-sweep clean
+.PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench bench-sweep bench-cache bench-inference clean
 
 HELP_VARS := PORT SERVE_PORT WORKERS TOP METRIC METHOD EXPERIMENT MARGIN
 help: ## list the targets
@@ -99,6 +99,12 @@ bench: $(STAMP) ## trainer vs bare PyTorch loop throughput (fp32 and bf16 + chan
 
 bench-sweep: $(STAMP) ## default study with and without pruning (SEEDS="42 43 44"): epochs trained, best value
 	$(PY) bench/sweep_pruning.py $(if $(SEEDS),--seeds $(SEEDS))
+
+bench-cache: $(STAMP) ## frozen-backbone epochs with and without the feature cache: epoch time ratio
+	$(PY) bench/feature_cache.py
+
+bench-inference: $(STAMP) ## serving.predict path vs a bare channels_last forward (decoding on both sides)
+	$(PY) bench/inference.py
 
 clean: ## remove outputs and generated demo data (keeps mlruns/ and .venv)
 	rm -rf outputs data/demo
