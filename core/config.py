@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -47,6 +47,7 @@ class DataConfig(_Section):
     face_size: int = Field(256, ge=16, le=1024)  # face crops are stored at this size, then resized to image_size
     face_cache: Optional[str] = None  # None -> $DFSWEEP_FACE_CACHE or ~/.cache/dfsweep/faces
     max_samples_per_split: Optional[int] = Field(None, ge=1)  # debug/CI: cap each split, stratified
+    eval_cache_mb: int = Field(1024, ge=0)  # val/test tensors kept in memory across epochs up to this size; 0 = off
     # video (model_type dual_stream): clips of sequence_length frames, every frame_skip-th frame
     sequence_length: int = Field(10, ge=1)
     frame_skip: int = Field(3, ge=1)
@@ -168,7 +169,7 @@ class TrainConfig(_Section):
     early_stopping_patience: int = Field(0, ge=0)  # 0 = off
     monitor: str = "val_auc"
     monitor_mode: Literal["max", "min"] = "max"
-    use_amp: bool = False
+    use_amp: Union[Literal["auto"], bool] = "auto"  # auto: fp16 on CUDA; bf16 on CPU where a probe shows it faster
     use_ema: bool = False
     ema_decay: float = Field(0.9998, gt=0, lt=1)
     use_tta: bool = False
@@ -185,6 +186,17 @@ class TrainConfig(_Section):
     # frozen backbone + no augmentation/mixup: backbone features computed once, epochs train the head on them
     feature_cache: Literal["auto", "off"] = "auto"
     feature_cache_ram_mb: int = Field(2048, ge=0)  # larger caches are memory-mapped files in the run folder
+    save_last: bool = True  # last.pt every epoch (what --resume continues from); sweeps turn it off
+
+    @field_validator("use_amp", mode="before")
+    @classmethod
+    def _amp_setting(cls, v: Any) -> Any:
+        low = str(v).strip().lower()
+        if isinstance(v, bool) or low == "auto":
+            return v if isinstance(v, bool) else "auto"
+        if low in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return low in ("true", "yes", "on", "1")
+        raise ValueError("must be true, false or auto")
 
     @field_validator("freeze_strategy")
     @classmethod

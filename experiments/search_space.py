@@ -36,9 +36,10 @@ PRUNER_OPTIONS = {
     "hyperband": {"min_resource", "max_resource", "reduction_factor", "bootstrap_count"},
     "none": set(),
 }
-# Every trial runs with AMP unless the file or --set says otherwise (fp16 + GradScaler on CUDA, bf16 on CPU);
-# a space may sweep it like any other key.
-SWEEP_DEFAULTS: dict[str, Any] = {"train.use_amp": True}
+# Where a trial differs from one run (the file, a preset or --set still win): no last.pt, since a killed
+# trial is retried by Optuna rather than resumed. AMP is train.use_amp=auto as for any run (fp16 on CUDA,
+# bf16 on CPU only where the probe finds it faster); a space may sweep it like any other key.
+SWEEP_DEFAULTS: dict[str, Any] = {"train.save_last": False}
 STUDY_KEYS = {"name", "direction", "metric", "sampler", "seed", "pruner", "n_trials", "timeout"}
 PARAM_KEYS = {"categorical": {"choices"}, "int": {"low", "high", "step", "log"}, "float": {"low", "high", "step", "log"}}
 # Keys that change what dataio.data.scan returns: a space over them disables the per-worker scan reuse.

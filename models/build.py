@@ -43,7 +43,7 @@ class TrainedModel:
         return self.info.get("run_id")
 
 
-def load_trained_model(ref: str | Path, device: str | torch.device = "auto", use_amp: bool = False,
+def load_trained_model(ref: str | Path, device: str | torch.device = "auto", use_amp: bool | str = False,
                        fallback_config: Config | None = None) -> TrainedModel:
     """Rebuild the model of a checkpoint (file, run folder or runs:/ URI) in eval mode, without downloading
     weights. A bare state_dict needs `fallback_config`; anything unreadable raises CheckpointError."""
@@ -60,4 +60,6 @@ def load_trained_model(ref: str | Path, device: str | torch.device = "auto", use
     channels_last = model.is_convnet if trained.model.channels_last is None else trained.model.channels_last
     model.to(dev, memory_format=torch.channels_last if channels_last else torch.preserve_format).eval()
     info = {k: ckpt.get(k) for k in ("path", "run_id", "epoch", "best_metric")}
-    return TrainedModel(model, trained, dev, channels_last, autocast_factory(dev, use_amp), info)
+    from core.amp import inference_amp  # "auto" (the training default): fp16 on CUDA, fp32 elsewhere
+
+    return TrainedModel(model, trained, dev, channels_last, autocast_factory(dev, inference_amp(use_amp, dev)), info)

@@ -55,11 +55,16 @@ def test_default_sweep_covers_the_issue_choices() -> None:
     assert keys["aug.mixup_alpha"].when == (("aug.use_mixup", (True,)),)
     assert keys["train.unfreeze_epoch"].when == (("train.freeze_strategy", ("progressive",)),)
     assert spec.base.model.model_type == "efficientnet_lite0" and spec.base.data.image_size == 64
-    assert spec.base.train.use_amp and "train.use_amp" not in keys  # AMP on by default, not swept
+    assert spec.base.train.use_amp == "auto" and "train.use_amp" not in keys  # resolved per trial, not swept
+    assert spec.base.train.save_last is False  # a killed trial is retried, not resumed
 
 
-def test_amp_is_on_in_sweeps_unless_the_file_turns_it_off(tmp_path: Path) -> None:
-    assert load_sweep(write(tmp_path, base_doc())).base.train.use_amp
+def test_sweeps_use_auto_amp_and_no_last_checkpoint_unless_the_file_says_so(tmp_path: Path) -> None:
+    base = load_sweep(write(tmp_path, base_doc())).base.train
+    assert base.use_amp == "auto" and base.save_last is False
+    doc = base_doc()
+    doc["base"]["train"] = {"save_last": True}
+    assert load_sweep(write(tmp_path, doc)).base.train.save_last is True
     doc = base_doc()
     doc["base"]["train"] = {"use_amp": False}
     assert not load_sweep(write(tmp_path, doc)).base.train.use_amp

@@ -14,7 +14,7 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -30,6 +30,9 @@ from evaluation.inference import predict, predictions_table
 from evaluation.scoring import split_metrics
 from models.build import build_model
 from training.run_io import TrainResult, epoch_curves, finish_run, index_table, start_tags
+
+if TYPE_CHECKING:
+    from core.amp import AmpChoice
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 class Trainer:
     """Holds the objects one run needs; `fit()` runs the loop. Built by `train(cfg)`."""
 
-    def __init__(self, cfg: Config, index, run_dir: Path) -> None:
+    def __init__(self, cfg: Config, index, run_dir: Path, resumed_amp: str | None = None) -> None:
         from dataio.data import pos_weight
         from training.losses import build_mixup, create_loss
         from training.optim import build_optimizer, build_scheduler, updates_per_epoch
@@ -82,8 +85,11 @@ class Trainer:
             log.info("event=checkpoint_in path=%s", t.checkpoint_in)
         self.channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else self.model.is_convnet
         self.model.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
-        self.amp = autocast_factory(self.device, t.use_amp)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=t.use_amp and self.device.type == "cuda")
+        self.needs_labels = bool(getattr(self.model.head, "needs_labels", False))
+        self.amp_choice = self.choose_amp(resumed_amp)
+        log.info("event=amp_choice amp=%s reason=%r", self.amp_choice.label, self.amp_choice.reason)
+        self.amp = autocast_factory(self.device, self.amp_choice.enabled)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_choice.enabled and self.device.type == "cuda")
         self.ema = None
         if t.use_ema:
             from timm.utils import ModelEmaV3
@@ -103,7 +109,6 @@ class Trainer:
         pw = pos_weight(index) if cfg.data.balance == "pos_weight" else None
         self.loss_fn = create_loss(cfg.loss, pos_weight=pw).to(self.device)
         self.mixup = build_mixup(cfg.aug) if cfg.aug.use_mixup else None
-        self.needs_labels = bool(getattr(self.model.head, "needs_labels", False))
         self.start_epoch, self.updates = 0, 0
         self.best_metric = -math.inf if t.monitor_mode == "max" else math.inf
         self.best_epoch, self.bad_epochs = -1, 0
@@ -111,6 +116,27 @@ class Trainer:
         self.best_val_table: pd.DataFrame | None = None
         self.best_val_metrics: dict[str, float] = {}
         self.feature_cache = None  # training.feature_cache.FeatureCache, built when fit() starts
+
+    def choose_amp(self, resumed: str | None) -> "AmpChoice":
+        """train.use_amp resolved for this device (core.amp); a resumed run keeps the precision it began with."""
+        from core import amp
+
+        if resumed is not None:
+            dtype = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}[resumed]
+            return amp.AmpChoice(resumed != "off", dtype, f"resumed run: {resumed} as when it started")
+        t, d, m = self.cfg.train, self.cfg.data, self.cfg.model
+        if t.use_amp != "auto" or self.device.type != "cpu" or m.is_video:
+            return amp.choose(t.use_amp, self.device)
+        from training.freezing import apply_freeze
+
+        apply_freeze(self.model, t.freeze_strategy, 0, t.unfreeze_epoch)  # time what epoch 0 trains
+        name = f"{m.model_type}:{m.model_name or ''}:{m.head}:{m.attention_type if m.use_attention else 'noatt'}"
+        key = amp.probe_key(name, d.image_size, d.batch_size, self.channels_last, t.freeze_strategy)
+        x = torch.randn(d.batch_size, 3, d.image_size, d.image_size, generator=torch.Generator().manual_seed(0))
+        x = to_device(x, self.device, self.channels_last)
+        y = torch.zeros(d.batch_size, dtype=torch.long)
+        forward = (lambda: self.model(x, labels=y)) if self.needs_labels else (lambda: self.model(x))
+        return amp.choose("auto", self.device, lambda: amp.time_training_steps(self.model, forward), key)
 
     # ------------------------------------------------------------------ state
     @property
@@ -124,7 +150,7 @@ class Trainer:
             "ema": model_state(self.ema.module) if self.ema is not None else None,
             "epoch": epoch, "updates": self.updates, "best_metric": self.best_metric, "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs, "history": self.history, "config": self.cfg.model_dump(mode="json"),
-            "run_id": run_id,
+            "run_id": run_id, "amp": self.amp_choice.label,
         }
 
     def load_state(self, ckpt: dict) -> None:
@@ -288,7 +314,8 @@ class Trainer:
             # the short set of curves (the full row is training_log.csv); before last.pt: a resumed run never
             # lacks an epoch's curve
             tracker.log_metrics(epoch_curves(row, t.monitor), step=epoch)
-            atomic_save(self.state(epoch, tracker.run_id), self.run_dir / "last.pt")
+            if t.save_last:  # sweeps skip it: a killed trial is retried by Optuna, not resumed
+                atomic_save(self.state(epoch, tracker.run_id), self.run_dir / "last.pt")
             log.info("epoch=%d train_loss=%.4f val_loss=%.4f %s=%.4f lr=%.2e images_per_s=%.1f trainable=%d",
                      epoch, row["train_loss"], row.get("val_loss", math.nan), t.monitor, monitored, row["lr"],
                      row["images_per_s"], summary.trainable)
@@ -318,13 +345,14 @@ def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, f
         run_dir = Path(resume["path"]).parent if resume else Path(cfg.train.output_dir) / (tracker.run_id or time.strftime("run-%Y%m%d-%H%M%S"))
         run_dir.mkdir(parents=True, exist_ok=True)
         try:
-            trainer = Trainer(cfg, index, run_dir)
+            trainer = Trainer(cfg, index, run_dir, resumed_amp=(resume or {}).get("amp"))
             if resume is not None:
                 trainer.load_state(resume)
                 log.info("event=resume epoch=%d run_id=%s", trainer.start_epoch, tracker.run_id)
             save_config(cfg, run_dir / "config.yaml")
             if resume is None:
-                tracker.log_start(start_tags(cfg, index), trainer_params(trainer))
+                tracker.log_start({**start_tags(cfg, index), "amp_reason": trainer.amp_choice.reason},
+                                  trainer_params(trainer))
                 tracker.log_dataset(index_table(index), source=str(data_cfg.data_dir), name=Path(str(data_cfg.data_dir)).name or "data", digest=index.digest)
             status = trainer.fit(tracker, epoch_callback)
             return finish_run(trainer, tracker, status)
@@ -336,5 +364,5 @@ def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, f
 def trainer_params(trainer: Trainer) -> dict[str, object]:
     """Run facts logged as params next to the flattened config."""
     return {"params_total": sum(p.numel() for p in trainer.model.parameters()), "device": trainer.device.type,
-            "channels_last": trainer.channels_last, "updates_per_epoch": trainer.updates_per_epoch,
+            "channels_last": trainer.channels_last, "amp": trainer.amp_choice.label, "updates_per_epoch": trainer.updates_per_epoch,
             "effective_batch_size": trainer.cfg.data.batch_size * trainer.cfg.optim.gradient_accumulation}

@@ -1,0 +1,93 @@
+"""train.use_amp=auto: CUDA -> fp16; CPU -> bf16 only where the probe finds it faster; probes cached."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from core import amp
+from core.config import load_config
+from training.trainer import train
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def no_probe() -> amp.ProbeResult:
+    raise AssertionError("the probe must not run here")
+
+
+def test_cpu_auto_picks_bf16_only_when_the_probe_shows_it_faster(tmp_path: Path) -> None:
+    cache = tmp_path / "amp.json"
+    fast = amp.choose("auto", CPU, lambda: amp.ProbeResult(fp32_s=1.0, bf16_s=0.6), "net|64px", cache)
+    assert fast.enabled and fast.dtype == "bfloat16" and fast.label == "bf16"
+    assert "1000 ms" in fast.reason and "600 ms" in fast.reason and fast.reason.endswith("bf16")
+    slow = amp.choose("auto", CPU, lambda: amp.ProbeResult(fp32_s=1.0, bf16_s=1.7), "net|160px", cache)
+    assert not slow.enabled and slow.label == "off" and slow.reason.endswith("fp32")
+    # within noise (under MIN_SPEEDUP) is not "faster"
+    tie = amp.choose("auto", CPU, lambda: amp.ProbeResult(fp32_s=1.0, bf16_s=0.98), "net|96px", cache)
+    assert not tie.enabled
+    assert set(json.loads(cache.read_text())) == {"net|64px", "net|160px", "net|96px"}
+
+
+def test_a_cached_probe_is_reused_without_timing_again(tmp_path: Path) -> None:
+    cache = tmp_path / "amp.json"
+    amp.choose("auto", CPU, lambda: amp.ProbeResult(fp32_s=2.0, bf16_s=1.0), "k", cache)
+    again = amp.choose("auto", CPU, no_probe, "k", cache)
+    assert again.enabled and "cached probe" in again.reason
+    other_key = amp.choose("auto", CPU, lambda: amp.ProbeResult(fp32_s=1.0, bf16_s=3.0), "k2", cache)
+    assert not other_key.enabled  # a different model/size/threads/batch is probed on its own
+
+
+def test_cuda_auto_is_fp16_with_grad_scaler_and_explicit_settings_win(tmp_path: Path) -> None:
+    cuda = amp.choose("auto", CUDA, no_probe, "k", tmp_path / "amp.json")
+    assert cuda.enabled and cuda.dtype == "float16" and "GradScaler" in cuda.reason
+    assert not (tmp_path / "amp.json").exists()
+    assert amp.choose(True, CPU, no_probe).dtype == "bfloat16"
+    assert amp.choose(True, CUDA, no_probe).dtype == "float16"
+    assert not amp.choose(False, CUDA, no_probe).enabled
+    assert amp.inference_amp("auto", CUDA) and not amp.inference_amp("auto", CPU) and amp.inference_amp(True, CPU)
+    with pytest.raises(ValueError, match="true, false or auto"):
+        amp.choose("fast", CPU)
+
+
+def test_probe_leaves_no_trace_in_the_model() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(1))
+    x = torch.randn(4, 3, 16, 16)
+    model(x)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    result = amp.time_training_steps(model, lambda: model(x), rounds=1)
+    assert result.fp32_s > 0 and result.bf16_s > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics restored
+    assert all(p.grad is None for p in model.parameters()) and not model.training
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_train_logs_the_auto_choice_and_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DFSWEEP_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(overrides={
+        "model.model_type": "test_efficientnet", "model.pretrained": False, "data.image_size": 32,
+        "data.batch_size": 8, "data.num_workers": 0, "data.max_samples_per_split": 16, "train.num_epochs": 1,
+        "train.use_amp": "auto", "train.device": "cpu", "train.output_dir": str(tmp_path / "out"),
+        "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment_name": "amp",
+        "tracking.log_model": False})
+    calls = []
+    real = amp.time_training_steps
+    monkeypatch.setattr(amp, "time_training_steps", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = train(cfg)
+    second = train(cfg)
+    assert len(calls) == 1  # probed once, then read from the cache
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for result, source in ((first, "auto: probe"), (second, "auto: cached probe")):
+        run = mlflow.get_run(result.run_id)
+        assert run.data.params["amp"] in {"bf16", "off"}
+        assert run.data.tags["amp_reason"].startswith(source)
+        assert run.data.tags["amp_reason"].endswith("bf16" if run.data.params["amp"] == "bf16" else "fp32")
+    entries = json.loads((tmp_path / "cache" / "amp_probe.json").read_text())
+    assert len(entries) == 1 and "32px|b8|" in next(iter(entries))
