@@ -20,7 +20,7 @@ SERVE_PORT ?= 5001
 SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench bench-sweep bench-cache bench-inference clean
+.PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench bench-sweep bench-cache bench-inference bench-whole-run bench-sweep-overhead clean
 
 HELP_VARS := PORT SERVE_PORT WORKERS TOP METRIC METHOD EXPERIMENT MARGIN
 help: ## list the targets
@@ -105,6 +105,12 @@ bench-cache: $(STAMP) ## frozen-backbone epochs with and without the feature cac
 
 bench-inference: $(STAMP) ## serving.predict path vs a bare channels_last forward (decoding on both sides)
 	$(PY) bench/inference.py
+
+bench-whole-run: $(STAMP) ## whole-run wall and loop img/s: train(cfg) vs bare loop vs timm train.py recipe (mobilenetv2, 160 px)
+	$(PY) bench/whole_run.py
+
+bench-sweep-overhead: $(STAMP) ## share of a sweep's wall spent outside the train/val loops (COMPARE=1: vs last.pt + no val cache)
+	$(PY) bench/sweep_overhead.py $(if $(COMPARE),--compare)
 
 clean: ## remove outputs and generated demo data (keeps mlruns/ and .venv)
 	rm -rf outputs data/demo

@@ -4,6 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,35 @@ def configure_mlflow(tcfg: TrackingConfig) -> str:
         eid = exp.experiment_id
     mlflow.set_experiment(experiment_id=eid)
     return eid
+
+
+_WARMING: dict[str, threading.Thread] = {}
+
+
+def warm_up(tcfg: TrackingConfig) -> None:
+    """Import MLflow and open its tracking store (SQLAlchemy models, migrations check) in a background thread,
+    so the 2-5 s this takes overlaps the data scan and the model and loader build; RunTracker waits for it."""
+    if not tcfg.enabled or "mlflow.store.tracking.sqlalchemy_store" in sys.modules:
+        return
+    uri = resolve_tracking_uri(tcfg)
+
+    def work() -> None:
+        try:
+            import mlflow
+
+            mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(tcfg.experiment_name)
+        except Exception as e:  # the run's own start reports any real problem with the store
+            log.debug("event=mlflow_warm_up_failed error=%r", e)
+
+    thread = threading.Thread(target=work, name="mlflow-warm-up", daemon=True)
+    _WARMING[uri] = thread
+    thread.start()
+
+
+def wait_warm_up(tcfg: TrackingConfig) -> None:
+    thread = _WARMING.pop(resolve_tracking_uri(tcfg), None)
+    if thread is not None:
+        thread.join()
 
 
 def setup_cli(tracking_uri: str | None = None) -> None:
@@ -145,6 +176,7 @@ class RunTracker:
     def __enter__(self) -> "RunTracker":
         if not self.enabled:
             return self
+        wait_warm_up(self.cfg.tracking)
         import mlflow
 
         active = mlflow.active_run()

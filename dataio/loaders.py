@@ -216,3 +216,43 @@ def build_loaders(index: DataIndex, cfg: Config, mean: Sequence[float], std: Seq
                             decode_size(d.image_size, d.center_crop), fakes, seed)
 
     return loaders_by_split(index, cfg, dataset, partial(collate_drop_none, image_size=d.image_size), device_type)
+
+
+class CachedEvalLoader:
+    """A val/test loader whose first complete pass is kept in memory: later passes (every epoch's validation)
+    yield the same decoded, transformed batches without decoding again.
+
+    Only for loaders with a fixed order and a deterministic transform (the image eval transform: resize,
+    crop, normalize). If a pass would exceed `max_bytes` the cache is dropped and the loader decodes as usual.
+    Anything else (dataset, batch_size, ...) is the wrapped DataLoader's.
+    """
+
+    def __init__(self, loader: DataLoader, max_bytes: int) -> None:
+        self.loader, self.max_bytes = loader, max_bytes
+        self.batches: list[tuple] | None = None
+        self.too_big = False
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["loader"], name)
+
+    def __iter__(self):
+        if self.batches is not None:
+            yield from self.batches
+            return
+        kept: list[tuple] | None = None if self.too_big else []
+        size = 0
+        for batch in self.loader:
+            if kept is not None:
+                size += sum(t.element_size() * t.nelement() for t in batch if isinstance(t, torch.Tensor))
+                if size > self.max_bytes:
+                    log.info("event=eval_cache_off reason=over_budget max_mb=%d", self.max_bytes // 2**20)
+                    kept, self.too_big = None, True
+                else:
+                    kept.append(batch)
+            yield batch
+        if kept is not None:  # a complete pass (a break leaves the cache empty)
+            self.batches = kept
+            log.debug("event=eval_cache batches=%d mb=%.1f", len(kept), size / 2**20)

@@ -67,7 +67,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 class Trainer:
     """Holds the objects one run needs; `fit()` runs the loop. Built by `train(cfg)`."""
 
-    def __init__(self, cfg: Config, index, run_dir: Path, resumed_amp: str | None = None) -> None:
+    def __init__(self, cfg: Config, index, run_dir: Path | None, resumed_amp: str | None = None) -> None:
         from dataio.data import pos_weight
         from training.losses import build_mixup, create_loss
         from training.optim import build_optimizer, build_scheduler, updates_per_epoch
@@ -101,6 +101,10 @@ class Trainer:
         from training.extra_val import build_extra_sets
 
         self.extra_sets = build_extra_sets(cfg, dc["mean"], dc["std"], self.device.type)
+        if "val" in self.loaders and cfg.data.eval_cache_mb and not cfg.model.is_video:
+            from dataio.loaders import CachedEvalLoader  # image eval transforms are deterministic: decode once
+
+            self.loaders["val"] = CachedEvalLoader(self.loaders["val"], cfg.data.eval_cache_mb * 2**20)
         self.batches_per_epoch = len(self.loaders["train"])
         if t.max_steps_per_epoch:
             self.batches_per_epoch = min(self.batches_per_epoch, t.max_steps_per_epoch * cfg.optim.gradient_accumulation)
@@ -336,29 +340,36 @@ def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, f
     if resume is not None:
         resumed_cfg = Config.model_validate(resume["config"])
         cfg = resumed_cfg.with_overrides({"train.resume": cfg.train.resume}, "--resume")
+    from core.tracking import RunTracker, warm_up
+
+    warm_up(cfg.tracking)  # MLflow's imports and store open in a thread while the data, model and loaders are built
     data_cfg = data_config(cfg)
     if index is None:
         index = scan_data(cfg)
-    from core.tracking import RunTracker
-
-    with sigterm_as_interrupt(), RunTracker(cfg, resume_run_id=(resume or {}).get("run_id")) as tracker:
-        run_dir = Path(resume["path"]).parent if resume else Path(cfg.train.output_dir) / (tracker.run_id or time.strftime("run-%Y%m%d-%H%M%S"))
-        run_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            trainer = Trainer(cfg, index, run_dir, resumed_amp=(resume or {}).get("amp"))
-            if resume is not None:
-                trainer.load_state(resume)
-                log.info("event=resume epoch=%d run_id=%s", trainer.start_epoch, tracker.run_id)
-            save_config(cfg, run_dir / "config.yaml")
-            if resume is None:
-                tracker.log_start({**start_tags(cfg, index), "amp_reason": trainer.amp_choice.reason},
-                                  trainer_params(trainer))
-                tracker.log_dataset(index_table(index), source=str(data_cfg.data_dir), name=Path(str(data_cfg.data_dir)).name or "data", digest=index.digest)
-            status = trainer.fit(tracker, epoch_callback)
-            return finish_run(trainer, tracker, status)
-        except BaseException as e:
-            e.output_dir = run_dir  # type: ignore[attr-defined]  # the sweep deletes pruned trials' folders
-            raise
+    run_dir: Path | None = Path(resume["path"]).parent if resume else None
+    with sigterm_as_interrupt():
+        # Built before the MLflow run exists: bad weights or data fail without leaving an empty FAILED run.
+        trainer = Trainer(cfg, index, run_dir, resumed_amp=(resume or {}).get("amp"))
+        with RunTracker(cfg, resume_run_id=(resume or {}).get("run_id")) as tracker:
+            if run_dir is None:
+                run_dir = Path(cfg.train.output_dir) / (tracker.run_id or time.strftime("run-%Y%m%d-%H%M%S"))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trainer.run_dir = run_dir
+            try:
+                if resume is not None:
+                    trainer.load_state(resume)
+                    log.info("event=resume epoch=%d run_id=%s", trainer.start_epoch, tracker.run_id)
+                save_config(cfg, run_dir / "config.yaml")
+                if resume is None:
+                    tracker.log_start({**start_tags(cfg, index), "amp_reason": trainer.amp_choice.reason},
+                                      trainer_params(trainer))
+                    tracker.log_dataset(index_table(index), source=str(data_cfg.data_dir),
+                                        name=Path(str(data_cfg.data_dir)).name or "data", digest=index.digest)
+                status = trainer.fit(tracker, epoch_callback)
+                return finish_run(trainer, tracker, status)
+            except BaseException as e:
+                e.output_dir = run_dir  # type: ignore[attr-defined]  # the sweep deletes pruned trials' folders
+                raise
 
 
 def trainer_params(trainer: Trainer) -> dict[str, object]:

@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""Whole-run wall time and loop speed: train(cfg) vs a bare PyTorch loop vs timm's train.py loop.
+
+Each side runs in a fresh Python process, timed from process start to its result, so start-up
+(imports, model, loaders) counts:
+  ours  train(cfg) with MLflow on (an existing store, as after a user's first run): train, validate each
+        epoch, checkpoints, test split, evaluation report, artifacts (tracking.log_model off, as in sweeps)
+  bare  the same detector, loaders, AdamW and BCE loss in a 20-line loop, then one validation pass -> AUC
+  timm  timm's train.py recipe on the same timm model, data folders, image size and batch, built from
+        timm's own factories (create_dataset, create_loader, create_optimizer_v2, create_scheduler_v2) and
+        its train_one_epoch/validate loop shape; timm does not ship train.py in its wheel, so this is the
+        minimal equivalent with train.py's defaults (fp32, NCHW, no AMP unless --amp)
+Sides alternate within each round (rotating order), so load on a shared machine hits all of them.
+Prints medians, loop img/s ratios and whole-run wall ratios.
+
+    python bench/whole_run.py [--model_type mobilenetv2_timm] [--image_size 160] [--steps 12] [--rounds 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIDES = ("ours", "bare", "timm")
+
+
+# ---------------------------------------------------------------------------- the sides (child processes)
+def side_ours(a: argparse.Namespace) -> dict:
+    sys.path.insert(0, str(REPO_ROOT))
+    from core.config import load_config
+    from training.trainer import train
+
+    cfg = load_config(overrides=ours_overrides(a))
+    result = train(cfg)
+    import pandas as pd
+
+    log = pd.read_csv(result.output_dir / "training_log.csv")
+    return {"img_s": float(log["images_per_s"].iloc[0]), "val_auc": result.best_metric,
+            "amp": str(cfg.train.use_amp)}
+
+
+def ours_overrides(a: argparse.Namespace) -> dict:
+    return {"model.model_type": a.model_type, "model.pretrained": False, "data.data_dir": a.data_dir,
+            "data.image_size": a.image_size, "data.batch_size": a.batch_size, "data.num_workers": a.workers,
+            "train.num_epochs": 1, "train.max_steps_per_epoch": a.steps, "optim.scheduler": "none",
+            "train.use_amp": a.amp, "train.output_dir": str(Path(a.tmp) / "outputs"), "tracking.log_model": False,
+            "tracking.tracking_uri": f"sqlite:///{Path(a.tmp) / 'mlflow.db'}", "tracking.experiment_name": "bench-whole-run"}
+
+
+def side_bare(a: argparse.Namespace) -> dict:
+    """Same detector, data pipeline, optimizer family and loss as ours; no tracking, no files; one val pass."""
+    sys.path.insert(0, str(REPO_ROOT))
+    import contextlib
+    import itertools
+
+    import torch
+
+    from core.config import load_config
+    from dataio.data import scan
+    from dataio.loaders import build_loaders
+    from models import create_detector
+
+    cfg = load_config(overrides={k: v for k, v in ours_overrides(a).items() if not k.startswith("tracking.")})
+    torch.manual_seed(cfg.train.seed)
+    index = scan(cfg.data, cfg.train.seed)
+    model = create_detector(cfg.model, 1, image_size=cfg.data.image_size)
+    cl = model.is_convnet
+    model = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format).train()
+    loaders = build_loaders(index, cfg, model.data_config["mean"], model.data_config["std"])
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.bare_bf16 else contextlib.nullcontext
+    seen, t0 = 0, time.perf_counter()
+    for x, y, _ in itertools.islice(loaders["train"], a.steps):
+        x = x.contiguous(memory_format=torch.channels_last) if cl else x
+        with amp():
+            loss = loss_fn(model(x).float()[:, 0], y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen += len(x)
+    img_s = seen / (time.perf_counter() - t0)
+    model.eval()
+    scores, labels = [], []
+    with torch.no_grad(), amp():
+        for x, y, _ in loaders["val"]:
+            scores.append(model(x.contiguous(memory_format=torch.channels_last) if cl else x).float()[:, 0])
+            labels.append(y)
+    from sklearn.metrics import roc_auc_score
+
+    return {"img_s": img_s, "val_auc": float(roc_auc_score(torch.cat(labels), torch.cat(scores)))}
+
+
+def side_timm(a: argparse.Namespace) -> dict:
+    """timm train.py's recipe: factories for model, data, optimizer, scheduler; its loop and validate()."""
+    import torch
+    from timm import create_model
+    from timm.data import create_dataset, create_loader, resolve_data_config
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import AverageMeter, accuracy
+
+    torch.manual_seed(42)
+    model = create_model(a.timm_model, pretrained=False, num_classes=2)
+    data_config = resolve_data_config({"input_size": (3, a.image_size, a.image_size)}, model=model)
+    root = Path(a.data_dir)
+    loaders = {}
+    for split, training in (("train", True), ("val", False)):
+        # timm labels an image by its leaf folder (real/, fake/faceswap/, ...): map every leaf to real/fake
+        leaves = [d for d in (root / split).rglob("*") if d.is_dir() and not any(c.is_dir() for c in d.iterdir())]
+        class_map = {d.name: 0 if "real" in d.relative_to(root / split).parts else 1 for d in leaves}
+        ds = create_dataset("", root=str(root / split), split=split, is_training=training, batch_size=a.batch_size,
+                            class_map=class_map)
+        loaders[split] = create_loader(ds, input_size=data_config["input_size"], batch_size=a.batch_size,
+                                       is_training=training, use_prefetcher=False, interpolation=data_config["interpolation"],
+                                       mean=data_config["mean"], std=data_config["std"], num_workers=a.workers,
+                                       crop_pct=data_config["crop_pct"], device=torch.device("cpu"))
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=1e-4, weight_decay=1e-4)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=1, updates_per_epoch=a.steps)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.timm_amp else None
+    # train_one_epoch: forward, loss, zero_grad, backward, step, meters, scheduler.step_update
+    model.train()
+    losses, num_updates, seen, t0 = AverageMeter(), 0, 0, time.perf_counter()
+    for batch_idx, (input, target) in enumerate(loaders["train"]):
+        if batch_idx >= a.steps:
+            break
+        if amp is not None:
+            with amp():
+                output = model(input)
+        else:
+            output = model(input)
+        loss = loss_fn(output.float(), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        num_updates += 1
+        losses.update(loss.item(), input.size(0))
+        scheduler.step_update(num_updates=num_updates, metric=losses.avg)
+        seen += input.size(0)
+    img_s = seen / (time.perf_counter() - t0)
+    scheduler.step(1, losses.avg)
+    # validate: top-1 over the val folder
+    model.eval()
+    top1 = AverageMeter()
+    with torch.no_grad():
+        for input, target in loaders["val"]:
+            top1.update(accuracy(model(input), target, topk=(1,))[0].item(), input.size(0))
+    return {"img_s": img_s, "val_top1": top1.avg}
+
+
+# ---------------------------------------------------------------------------- the parent
+def run_side(side: str, a: argparse.Namespace) -> dict:
+    args = [sys.executable, __file__, "--side", side] + [f"--{k}={v}" for k, v in vars(a).items()
+                                                         if k not in ("side", "rounds", "no_warmup") and v is not None]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "DFSWEEP_CACHE_DIR": a.tmp,
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    t0 = time.perf_counter()
+    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if out.returncode:
+        raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    return {**result, "wall": wall}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model_type", default="mobilenetv2_timm", help="our preset (timm model for the timm side)")
+    p.add_argument("--timm_model", default="mobilenetv2_100")
+    p.add_argument("--image_size", type=int, default=160)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--amp", default="auto", help="our train.use_amp (auto | true | false)")
+    p.add_argument("--bare_bf16", type=int, default=-1, help="bare loop in bf16 (default: what ours chose)")
+    p.add_argument("--timm_amp", type=int, default=0, help="timm side with bf16 autocast (train.py --amp)")
+    p.add_argument("--data_dir", default=None, help="{train,val,test}/{real,fake} folders (default: the demo set)")
+    p.add_argument("--tmp", default=None)
+    p.add_argument("--side", choices=SIDES)
+    a = p.parse_args(argv)
+    if a.side:
+        a.bare_bf16 = bool(a.bare_bf16 > 0)
+        print(json.dumps({"ours": side_ours, "bare": side_bare, "timm": side_timm}[a.side](a)))
+        return 0
+    if a.data_dir is None:
+        sys.path.insert(0, str(REPO_ROOT))
+        from dataio.demo_data import ensure_demo_data
+
+        a.data_dir = str(ensure_demo_data())
+    a.tmp = a.tmp or tempfile.mkdtemp(prefix="dfsweep-whole-run-")
+    import torch
+
+    print(f"model={a.model_type} ({a.timm_model}) image_size={a.image_size} batch={a.batch_size} steps={a.steps} "
+          f"workers={a.workers} rounds={a.rounds} threads={torch.get_num_threads()} cpus={os.cpu_count()}")
+    # untimed warm-up: OS file cache, the MLflow store's tables, the AMP probe (cached as after a first run)
+    first = run_side("ours", a)
+    if a.bare_bf16 < 0:
+        import sqlite3
+
+        con = sqlite3.connect(Path(a.tmp) / "mlflow.db")
+        amp = con.execute("select value from params where key='amp' order by rowid desc limit 1").fetchone()
+        a.bare_bf16 = int(bool(amp and amp[0] == "bf16"))
+        print(f"ours: train.use_amp={a.amp} chose {amp[0] if amp else '?'}; bare loop runs "
+              f"{'bf16' if a.bare_bf16 else 'fp32'}, channels_last as ours")
+    del first
+    run_side("bare", a), run_side("timm", a)
+    rows: dict[str, list[dict]] = {s: [] for s in SIDES}
+    for r in range(a.rounds):
+        order = SIDES[r % 3:] + SIDES[:r % 3]
+        for side in order:
+            rows[side].append(run_side(side, a))
+    med = {s: {k: statistics.median(x[k] for x in rows[s]) for k in ("wall", "img_s")} for s in SIDES}
+    for s in SIDES:
+        print(f"{s:>5}: wall {med[s]['wall']:6.1f}s  loop {med[s]['img_s']:6.1f} img/s   "
+              f"(walls {[round(x['wall'], 1) for x in rows[s]]}, img/s {[round(x['img_s'], 1) for x in rows[s]]})")
+    loop_bare = med["ours"]["img_s"] / med["bare"]["img_s"]
+    wall_bare = med["ours"]["wall"] / med["bare"]["wall"]
+    loop_timm = med["ours"]["img_s"] / med["timm"]["img_s"]
+    print(f"loop img/s  ours/bare  {loop_bare:.2f}x  (goal >= 1.00)")
+    print(f"whole run   ours/bare  {wall_bare:.2f}x wall (goal <= 1.10)")
+    print(f"loop img/s  ours/timm  {loop_timm:.2f}x  (goal >= 1.20); whole run ours/timm "
+          f"{med['ours']['wall'] / med['timm']['wall']:.2f}x wall")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
