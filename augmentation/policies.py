@@ -117,6 +117,27 @@ def parse_policy(name: str) -> tuple[str, list[int]]:
         raise ValueError(f"augmentation policy {name!r}: arguments after ':' must be integers") from None
 
 
+# steps that map one image to one output, whatever the random state (what eval transforms are made of)
+DETERMINISTIC_STEPS = (A.Compose, A.Resize, A.CropAndPad, A.CenterCrop, A.LongestMaxSize, A.SmallestMaxSize,
+                       A.PadIfNeeded, A.Normalize, A.NoOp, ToTensorV2)
+
+
+def random_steps(transform: A.BasicTransform | BaseCompose) -> list[str]:
+    """Names of the steps in a transform tree that are not known to be deterministic (empty: the transform
+    gives an image the same tensor every time). Unknown steps count as random."""
+    found: list[str] = []
+
+    def _walk(node: A.BasicTransform | BaseCompose) -> None:
+        if type(node) not in DETERMINISTIC_STEPS or (isinstance(node, A.BasicTransform) and node.p < 1):
+            found.append(type(node).__name__)
+            return
+        for child in getattr(node, "transforms", []) or []:
+            _walk(child)
+
+    _walk(transform)
+    return found
+
+
 def is_deterministic(name: str, image_size: int) -> bool:
     """True when policy `name` adds no random transform, so its train transform is the eval transform
     (a frozen backbone then gives every image the same features each epoch: training.feature_cache)."""

@@ -82,9 +82,26 @@ def in_training_state(cfg):
     return det
 
 
+def train_dataset(cfg):
+    from dataio.data import scan
+    from dataio.loaders import build_loaders
+    from dataio.pipeline import data_config
+
+    return build_loaders(scan(data_config(cfg), cfg.train.seed), cfg, (0.5,) * 3, (0.5,) * 3)["train"].dataset
+
+
 def test_frozen_deterministic_run_can_cache(tmp_path: Path) -> None:
     cfg = cfg_for(tmp_path, "x")
-    assert cache_blocker(cfg, in_training_state(cfg)) is None
+    assert cache_blocker(cfg, in_training_state(cfg), train_dataset(cfg)) is None
+
+
+def test_random_train_transform_blocks_the_cache_whatever_the_config_says(tmp_path: Path) -> None:
+    import albumentations as A
+
+    cfg = cfg_for(tmp_path, "x")
+    ds = train_dataset(cfg)
+    ds.transform = A.Compose([A.HorizontalFlip(p=0.5), *ds.transform.transforms])
+    assert "random steps: HorizontalFlip" in cache_blocker(cfg, in_training_state(cfg), ds)
 
 
 @pytest.mark.parametrize("override, reason", [

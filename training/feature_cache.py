@@ -52,10 +52,11 @@ def stochastic_layers(module: nn.Module) -> list[str]:
     return found
 
 
-def cache_blocker(cfg: Config, model: nn.Module) -> str | None:
+def cache_blocker(cfg: Config, model: nn.Module, train_dataset: Dataset | None = None) -> str | None:
     """Why the frozen-feature cache cannot be used for this run (None: it can). Call it with the model
-    in its training state (train(), frozen BatchNorm in eval) and the freeze strategy applied."""
-    from augmentation.policies import is_deterministic
+    in its training state (train(), frozen BatchNorm in eval) and the freeze strategy applied; with the
+    train dataset, its transform and pseudo-fakes are checked too (not only the config that built them)."""
+    from augmentation.policies import is_deterministic, random_steps
 
     t = cfg.train
     if t.feature_cache == "off":
@@ -71,6 +72,13 @@ def cache_blocker(cfg: Config, model: nn.Module) -> str | None:
     pseudo = [k for k in ("self_blend_prob", "artifact_fake_prob", "artifact_prob") if getattr(cfg.aug, k) > 0]
     if pseudo:
         return f"aug.{pseudo[0]} changes images (and labels) every epoch"
+    if train_dataset is not None:  # what the loader really does, whichever setting built it
+        if getattr(train_dataset, "pseudo_fakes", None) is not None:
+            return "the train set makes pseudo-fakes at random"
+        transform = getattr(train_dataset, "transform", None)
+        steps = random_steps(transform) if transform is not None else []
+        if steps:
+            return f"the train transform has random steps: {', '.join(steps[:3])}"
     if any(p.requires_grad for p in model.backbone.parameters()):
         return "backbone parameters are trainable"
     stochastic = stochastic_layers(model.backbone)

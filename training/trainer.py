@@ -254,7 +254,7 @@ class Trainer:
 
         self.model.train()
         set_train_mode(self.model)
-        reason = cache_blocker(self.cfg, self.model)
+        reason = cache_blocker(self.cfg, self.model, self.loaders["train"].dataset)
         epochs_left = self.cfg.train.num_epochs - self.start_epoch
         if reason is None and epochs_left * self.batches_per_epoch < len(self.loaders["train"]):
             reason = "the run draws fewer batches than one pass over the train split (train.max_steps_per_epoch)"
