@@ -194,7 +194,7 @@ def face_crops(paths: Sequence[str], settings: FaceCropSettings = FaceCropSettin
     set_key = hashlib.sha1("\n".join(sorted(f"{p}\t{k}" for p, k in zip(paths, keys))).encode()).hexdigest()[:16]
     index_file = folder / f"index-{set_key}.parquet"
     if index_file.is_file():
-        table = pd.read_parquet(index_file)
+        table = pd.read_parquet(index_file).loc[paths]  # in the order asked for
         if table["crop_path"].map(os.path.isfile).all():
             _report(table)
             return table

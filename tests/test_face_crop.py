@@ -54,7 +54,7 @@ def test_cache_miss_then_hit_and_landmarks(shared_data: Path, tmp_path: Path, de
         assert lm[0, 0] < lm[1, 0] and lm[0, 1] < lm[2, 1] < lm[3, 1]  # eyes above the nose above the mouth
     again = face_crops(list(reversed(paths)), settings, tmp_path, detector=detector)
     assert detector.images - before == 3  # hit: no detection at all
-    assert again.loc[paths].equals(table)
+    assert list(again.index) == list(reversed(paths)) and again.loc[paths].equals(table)
     # a subset and a new image: only the new one is detected
     face_crops(paths[:1] + lfw(shared_data, "real", 3)[2:], settings, tmp_path, detector=detector)
     assert detector.images - before == 4
