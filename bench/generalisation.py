@@ -73,7 +73,8 @@ def test_auc(checkpoint: Path, data_dir: Path) -> tuple[float, int]:
     """AUC of a checkpoint on the test split of a data set, split as its training config splits it."""
     from sklearn.metrics import roc_auc_score
 
-    from training.eval_only import load_trained_model, scan_for, score_samples
+    from evaluation.scoring import scan_for, score_samples
+    from models.build import load_trained_model
 
     trained = load_trained_model(checkpoint, "cpu", use_amp=True)
     samples = scan_for(trained, data_dir).test
