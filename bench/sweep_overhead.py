@@ -8,7 +8,7 @@ AMP probe, test-split scoring, the evaluation report, checkpoints, MLflow, Optun
 runs the same study again with the per-trial extras this project used to have (last.pt every epoch,
 val decoded again every epoch), alternating the two, so load on a shared machine hits both alike.
 
-    python bench/sweep_overhead.py [--n_trials 4] [--epochs 3] [--compare]
+    python bench/sweep_overhead.py [--n_trials 4] [--epochs 5] [--compare]
 """
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class StageTimer:
         self.undo.clear()
 
 
-def run_study(sweep: str, label: str, n_trials: int, epochs: int, pruner: str, sets: dict, tmp: Path) -> dict:
+def run_study(sweep: str, label: str, n_trials: int, epochs: int | None, pruner: str, sets: dict, tmp: Path) -> dict:
     import core.tracking as tracking
     import training.run_io as run_io
     import training.trainer as trainer
@@ -78,7 +78,7 @@ def run_study(sweep: str, label: str, n_trials: int, epochs: int, pruner: str, s
         timer.wrap(tracking.RunTracker, name, "mlflow (train)")
     for name in ("start_trial", "end_trial", "log_trial_params"):
         timer.wrap(sweep_report, name, "mlflow (trial runs)")
-    overrides = {"train.num_epochs": epochs, "train.output_dir": str(tmp / label / "outputs"),
+    overrides = {**({"train.num_epochs": epochs} if epochs else {}), "train.output_dir": str(tmp / label / "outputs"),
                  "tracking.tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}", **sets}
     t0 = time.perf_counter()
     try:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", default=str(REPO_ROOT / "experiments" / "sweeps" / "default.yaml"))
     p.add_argument("--n_trials", type=int, default=4)
-    p.add_argument("--epochs", type=int, default=3, help="train.num_epochs of every trial")
+    p.add_argument("--epochs", type=int, help="train.num_epochs of every trial (default: the file's)")
     p.add_argument("--pruner", default="none", choices=["none", "median", "percentile", "hyperband"])
     p.add_argument("--compare", action="store_true", help="also run the study with last.pt + no val cache")
     p.add_argument("--set", dest="sets", action="extend", nargs="+", default=[], metavar="KEY=VALUE")

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 AmpSetting = Union[bool, str]  # True | False | "auto"
 MIN_SPEEDUP = 1.05  # bf16 must be at least this much faster than fp32 to be chosen (probe noise)
+MAX_SPREAD = 1.3  # a probe whose repeated steps differ more than this (a busy machine) is used once, not cached
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class ProbeResult:
 
     fp32_s: float
     bf16_s: float
+    spread: float = 1.0  # slowest / fastest timed step of the same dtype: how steady the machine was
 
     @property
     def bf16_speedup(self) -> float:
@@ -110,8 +112,11 @@ def choose(setting: AmpSetting, device: torch.device, probe: Callable[[], ProbeR
     else:
         t0 = time.perf_counter()
         result = probe()
-        source = f"probe ({time.perf_counter() - t0:.1f}s, cached in {cache})"
-        write_cache(cache, key, result)
+        if result.spread <= MAX_SPREAD:
+            source = f"probe ({time.perf_counter() - t0:.1f}s, cached in {cache})"
+            write_cache(cache, key, result)
+        else:  # timings disturbed by other load: decide for this run, probe again next time
+            source = f"probe ({time.perf_counter() - t0:.1f}s, steps varied {result.spread:.1f}x: not cached)"
     faster = result.bf16_speedup >= MIN_SPEEDUP
     verdict = "bf16" if faster else "fp32"
     reason = (f"auto: {source}: fp32 {result.fp32_s * 1000:.0f} ms/step, bf16 {result.bf16_s * 1000:.0f} ms/step "
@@ -149,4 +154,5 @@ def time_training_steps(model: torch.nn.Module, forward: Callable[[], torch.Tens
             for name, b in model.named_buffers():
                 b.copy_(buffers[name])
         model.train(was_training)
-    return ProbeResult(min(times[False]), min(times[True]))
+    spread = max(max(t) / min(t) for t in times.values())
+    return ProbeResult(min(times[False]), min(times[True]), spread)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from core import amp
+from core.checkpoints import load_checkpoint
 from core.config import load_config
 from training.trainer import train
 
@@ -39,6 +40,14 @@ def test_a_cached_probe_is_reused_without_timing_again(tmp_path: Path) -> None:
     assert again.enabled and "cached probe" in again.reason
     other_key = amp.choose("auto", CPU, lambda: amp.ProbeResult(fp32_s=1.0, bf16_s=3.0), "k2", cache)
     assert not other_key.enabled  # a different model/size/threads/batch is probed on its own
+
+
+def test_a_noisy_probe_decides_this_run_but_is_not_cached(tmp_path: Path) -> None:
+    cache = tmp_path / "amp.json"
+    noisy = amp.choose("auto", CPU, lambda: amp.ProbeResult(fp32_s=1.0, bf16_s=0.5, spread=3.0), "k", cache)
+    assert noisy.enabled and "not cached" in noisy.reason and not cache.exists()
+    steady = amp.choose("auto", CPU, lambda: amp.ProbeResult(fp32_s=1.0, bf16_s=1.5, spread=1.1), "k", cache)
+    assert not steady.enabled and "k" in json.loads(cache.read_text())
 
 
 def test_cuda_auto_is_fp16_with_grad_scaler_and_explicit_settings_win(tmp_path: Path) -> None:
@@ -77,6 +86,7 @@ def test_train_logs_the_auto_choice_and_why(tmp_path: Path, monkeypatch: pytest.
         "train.use_amp": "auto", "train.device": "cpu", "train.output_dir": str(tmp_path / "out"),
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment_name": "amp",
         "tracking.log_model": False})
+    monkeypatch.setattr(amp, "MAX_SPREAD", float("inf"))  # a loaded test machine must not stop the caching
     calls = []
     real = amp.time_training_steps
     monkeypatch.setattr(amp, "time_training_steps", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -89,5 +99,7 @@ def test_train_logs_the_auto_choice_and_why(tmp_path: Path, monkeypatch: pytest.
         assert run.data.params["amp"] in {"bf16", "off"}
         assert run.data.tags["amp_reason"].startswith(source)
         assert run.data.tags["amp_reason"].endswith("bf16" if run.data.params["amp"] == "bf16" else "fp32")
+        # a resumed run keeps this precision (Trainer.choose_amp reads it back from last.pt)
+        assert load_checkpoint(result.output_dir / "last.pt")["amp"] == run.data.params["amp"]
     entries = json.loads((tmp_path / "cache" / "amp_probe.json").read_text())
     assert len(entries) == 1 and "32px|b8|" in next(iter(entries))
