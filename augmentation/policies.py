@@ -17,10 +17,10 @@ import numpy as np
 from albumentations.core.composition import BaseCompose
 from albumentations.pytorch import ToTensorV2
 
-from core.registry import Registry
+from core.registry import AUG_POLICIES
 
 TransformList = list[A.BasicTransform | BaseCompose]
-POLICIES: Registry[TransformList] = Registry("augmentation policy")
+POLICIES = AUG_POLICIES  # name -> fn(image_size, *int args) -> list of albumentations transforms
 _MAX_MAGNITUDE = 30  # torchvision's RandAugment uses 31 magnitude bins (0..30)
 
 
@@ -136,6 +136,19 @@ def random_steps(transform: A.BasicTransform | BaseCompose) -> list[str]:
 
     _walk(transform)
     return found
+
+
+def check_policy(name: str) -> None:
+    """A valid policy value ('basic', 'randaugment:3:12'): a registered name whose arguments it accepts."""
+    base, args = parse_policy(name)
+    factory = POLICIES.get(base)
+    try:
+        factory(224, *args)
+    except TypeError:
+        raise ValueError(f"augmentation policy {name!r}: {base} does not take {len(args)} argument(s)") from None
+
+
+POLICIES.set_parser(check_policy)
 
 
 def is_deterministic(name: str, image_size: int) -> bool:

@@ -14,12 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from core.errors import ConfigError
+from core.registry import FAMILIES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = REPO_ROOT / "experiments" / "configs" / "default.yaml"
 CONFIG_DIR = REPO_ROOT / "experiments" / "configs"
 MODEL_CONFIGS = CONFIG_DIR / "models"
-FREEZE_RE = re.compile(r"^(full|frozen|progressive|partial:[1-9]\d*)$")
 # per-epoch validation metrics (evaluation.metrics.binary_metrics keys, plus the loss) a run can monitor
 VAL_METRICS = ("auc", "ap", "eer", "accuracy", "precision", "recall", "f1", "tpr_at_fpr_1pct", "tpr_at_fpr_0.1pct",
                "log_loss", "brier", "ece", "mce", "ace", "loss")
@@ -31,6 +31,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
 
+def registered(key: str, value: str) -> str:
+    """`value` if the registry of `key` (core.registry.FAMILIES) knows it; else a ValueError listing the names."""
+    FAMILIES[key].check(value)
+    return value
+
+
 class DataConfig(_Section):
     data_dir: Optional[str] = None  # folder or CSV index; None -> the generated demo set (data/demo)
     image_size: int = Field(224, ge=16, le=1024)
@@ -39,7 +45,7 @@ class DataConfig(_Section):
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     group_by: Optional[str] = None  # "folder", or a regex whose first group is the group key in the file name
     balance: Literal["none", "pos_weight", "sampler"] = "none"
-    aug_policy: str = "basic"
+    aug_policy: str = "basic"  # a registered augmentation policy (augmentation.policies), e.g. randaugment:2:9
     center_crop: Optional[float] = Field(None, gt=0, le=1)  # keep this central fraction first (uncropped photos)
     extra_val: tuple[str, ...] = ()  # other data sets ("path" or "name=path") scored each epoch: val_<name>_auc
     face_crop: Literal["none", "mtcnn"] = "none"  # mtcnn: one cached MTCNN face crop per image (preprocessing.face_cache)
@@ -53,6 +59,11 @@ class DataConfig(_Section):
     frame_skip: int = Field(3, ge=1)
     lq_size: Optional[int] = Field(None, ge=16)  # None -> image_size // 2
     lq_jpeg_quality: tuple[int, int] = (30, 50)
+
+    @field_validator("aug_policy")
+    @classmethod
+    def _policy_known(cls, v: str) -> str:
+        return registered("data.aug_policy", v)
 
     @field_validator("extra_val", mode="before")
     @classmethod
@@ -82,11 +93,11 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
-    model_type: str = "efficientnet"  # preset name (models.presets)
+    model_type: str = "efficientnet"  # a registered model preset (models.presets); its kind: image or video
     model_name: Optional[str] = None  # any timm model name; overrides the preset's backbone
     pretrained: bool = True
     pretrained_path: Optional[str] = None  # local weights file (state_dict / safetensors)
-    head: Literal["linear", "mlp", "arcface"] = "linear"
+    head: str = "linear"  # a registered head (models.heads)
     embedding_dim: int = Field(512, ge=1)
     dropout: float = Field(0.3, ge=0.0, lt=1.0)
     drop_path_rate: float = Field(0.0, ge=0.0, lt=1.0)
@@ -109,19 +120,30 @@ class ModelConfig(_Section):
             raise ValueError("must be odd so the ConvLSTM keeps the feature-map size")
         return v
 
+    @field_validator("model_type")
+    @classmethod
+    def _preset_known(cls, v: str) -> str:
+        return registered("model.model_type", v)
+
+    @field_validator("head")
+    @classmethod
+    def _head_known(cls, v: str) -> str:
+        return registered("model.head", v)
+
     @property
-    def is_video(self) -> bool:
-        return self.model_type == "dual_stream"
+    def kind(self) -> str:
+        """"image" or "video": what the preset declared (models.presets); data and model building dispatch on it."""
+        return FAMILIES["model.model_type"].meta(self.model_type)["kind"]
 
 
 class OptimConfig(_Section):
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: str = "adamw"  # a registered optimizer (training.optim)
     lr: float = Field(1e-4, gt=0)
     backbone_lr: Optional[float] = Field(None, gt=0)  # None -> lr
     classifier_lr: Optional[float] = Field(None, gt=0)  # None -> lr
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    scheduler: Literal["cosine", "plateau", "onecycle", "none"] = "cosine"
+    scheduler: str = "cosine"  # a registered scheduler (training.optim)
     warmup_epochs: float = Field(0.0, ge=0)
     min_lr: float = Field(1e-6, ge=0)
     plateau_factor: float = Field(0.5, gt=0, lt=1)
@@ -129,13 +151,23 @@ class OptimConfig(_Section):
     gradient_accumulation: int = Field(1, ge=1)
     gradient_clip: float = Field(0.0, ge=0)  # max grad norm; 0 = off
 
+    @field_validator("optimizer")
+    @classmethod
+    def _optimizer_known(cls, v: str) -> str:
+        return registered("optim.optimizer", v)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_known(cls, v: str) -> str:
+        return registered("optim.scheduler", v)
+
     def resolved_lrs(self) -> tuple[float, float]:
         """(backbone LR, classifier LR)."""
         return self.backbone_lr or self.lr, self.classifier_lr or self.lr
 
 
 class LossConfig(_Section):
-    loss_type: Literal["bce", "focal", "label_smoothing", "ce"] = "bce"
+    loss_type: str = "bce"  # a registered loss (training.losses); it declares its num_outputs
     focal_alpha: float = Field(0.25, ge=-1, le=1)  # torchvision convention: <0 disables weighting
     focal_gamma: float = Field(2.0, ge=0)
     label_smoothing: float = Field(0.1, ge=0, lt=1)
@@ -143,9 +175,16 @@ class LossConfig(_Section):
     # classes only widen the head (seed 002's ArcFace head had 9: 268,288 trainable of 11,444,800).
     num_classes: int = Field(2, ge=2)
 
+    @field_validator("loss_type")
+    @classmethod
+    def _loss_known(cls, v: str) -> str:
+        return registered("loss.loss_type", v)
+
     @property
     def num_outputs(self) -> int:
-        return self.num_classes if self.loss_type == "ce" else 1
+        """Logits per image the loss expects (1: sigmoid; ce: num_classes), as the loss registered it."""
+        n = FAMILIES["loss.loss_type"].meta(self.loss_type)["num_outputs"]
+        return int(n(self) if callable(n) else n)
 
 
 class AugConfig(_Section):
@@ -201,9 +240,7 @@ class TrainConfig(_Section):
     @field_validator("freeze_strategy")
     @classmethod
     def _freeze_known(cls, v: str) -> str:
-        if not FREEZE_RE.match(v):
-            raise ValueError(f"{v!r} is not one of full, frozen, progressive, partial:N (N >= 1)")
-        return v
+        return registered("train.freeze_strategy", v)
 
     @field_validator("monitor")
     @classmethod
@@ -239,14 +276,14 @@ class Config(_Section):
             raise ValueError("model.head=arcface needs hard labels; turn aug.use_mixup off")
         if self.model.head == "arcface" and self.loss.loss_type != "ce":
             raise ValueError("model.head=arcface is a 2-class margin head; set loss.loss_type=ce")
-        if self.loss.num_classes != 2 and self.loss.loss_type != "ce":
-            raise ValueError(f"loss.num_classes={self.loss.num_classes} needs loss.loss_type=ce (the other losses "
-                             "use one logit)")
-        if self.model.is_video and self.aug.use_mixup:
+        if self.loss.num_classes != 2 and self.loss.num_outputs == 1:
+            raise ValueError(f"loss.num_classes={self.loss.num_classes} needs a loss with one logit per class "
+                             f"(loss.loss_type=ce); {self.loss.loss_type} uses one logit")
+        if self.model.kind == "video" and self.aug.use_mixup:
             raise ValueError("model.model_type=dual_stream trains on clips; mixup is for images: turn aug.use_mixup off")
         if self.data.face_crop != "none" and self.data.center_crop is not None:
             raise ValueError("data.face_crop and data.center_crop both crop; set data.center_crop=null with face_crop")
-        if self.data.face_crop != "none" and self.model.is_video:
+        if self.data.face_crop != "none" and self.model.kind == "video":
             raise ValueError("data.face_crop is for photos; dual_stream reads face crops from "
                              "preprocessing.extract_faces: set data.face_crop=none")
         if self.aug.self_blend_prob + self.aug.artifact_fake_prob > 1:
@@ -255,10 +292,10 @@ class Config(_Section):
         if self.aug.artifact_prob > 0 and self.aug.artifact_fake_prob > 0:
             raise ValueError("aug.artifact_prob puts artefacts on both classes, aug.artifact_fake_prob makes them "
                              "mean fake: set one of them to 0")
-        if self.model.is_video and (self.aug.self_blend_prob or self.aug.artifact_fake_prob or self.aug.artifact_prob):
+        if self.model.kind == "video" and (self.aug.self_blend_prob or self.aug.artifact_fake_prob or self.aug.artifact_prob):
             raise ValueError("aug.self_blend_prob / artifact_prob / artifact_fake_prob are for photos; "
                              "dual_stream trains on clips: set them to 0")
-        if self.data.extra_val and self.model.is_video:
+        if self.data.extra_val and self.model.kind == "video":
             raise ValueError("data.extra_val scores photo data sets each epoch; dual_stream trains on clips")
         valid = monitor_names(self.data)
         if self.train.monitor not in valid:

@@ -257,7 +257,7 @@ class RunTracker:
 
         model = scorer.to("cpu", memory_format=torch.contiguous_format).float().eval()
         shape = (2, 3, image_size, image_size)
-        if self.cfg.model.is_video:
+        if self.cfg.model.kind == "video":
             shape = (2, self.cfg.data.sequence_length, 3, image_size, image_size)
         x = np.random.default_rng(0).random(shape, dtype=np.float32)
         with torch.no_grad():

@@ -15,7 +15,7 @@ from dataio.data import DataIndex
 
 def is_video(cfg: Config) -> bool:
     """True when the configured model takes clips (its preset's kind is video)."""
-    return cfg.model.is_video
+    return cfg.model.kind == "video"
 
 
 def data_config(cfg: Config) -> DataConfig:

@@ -173,7 +173,7 @@ def gallery_input(trained):
 
 def check_supported(trained, opts: EvalOptions) -> None:
     """The video (dual-stream) model takes clips: flip is its only TTA view and robustness is image-only."""
-    if trained.config.model.is_video and (set(opts.tta.groups) - {"flip"} or opts.robustness):
+    if trained.config.model.kind == "video" and (set(opts.tta.groups) - {"flip"} or opts.robustness):
         raise EvaluateError("the dual_stream video model supports --tta flip only and no --robustness")
 
 

@@ -138,7 +138,14 @@ class SweepSpec:
 
     @property
     def touches_scan(self) -> bool:
-        return any(p.key in SCAN_KEYS for p in self.params)
+        """True when trials may scan different data: a swept data key, or presets of different kinds (photos
+        vs clips)."""
+        if any(p.key in SCAN_KEYS for p in self.params):
+            return True
+        from core.registry import MODEL_PRESETS
+
+        kinds = {MODEL_PRESETS.meta(v)["kind"] for p in self.params if p.key == "model.model_type" for v in p.choices}
+        return len(kinds | {self.base.model.kind}) > 1
 
     @property
     def fingerprint(self) -> str:
@@ -375,20 +382,8 @@ def _recipe(raw: dict[str, Any], path: Path, study: StudySettings, cli: dict[str
 
 
 def _probe(spec: SweepSpec) -> None:
-    """Check every choice (or low/high) of every param on top of the base, so a bad value fails now."""
-    _check_names(spec.base, f"{spec.path} base")
+    """Compose every choice (or low/high) of every param on top of the base, so a bad value (a bad key, an
+    unregistered name: the Config checks names against the registries) fails now, before any trial runs."""
     for p in spec.params:
         for value in p.probe_values():
-            where = f"{spec.path} space.{p.key}"
-            _check_names(spec.recipe.compose(({p.key: value}, where)), where)
-
-
-def _check_names(cfg: Config, where: str) -> None:
-    """Registry names the Config cannot check itself: model preset and augmentation policy."""
-    from augmentation.policies import POLICIES
-    from models.presets import PRESETS
-
-    for key, name, registry in (("model.model_type", cfg.model.model_type, PRESETS),
-                                ("data.aug_policy", cfg.data.aug_policy, POLICIES)):
-        if name not in registry:
-            raise ConfigError(f"invalid value for '{key}' from {where}: {registry.unknown_message(name)}")
+            spec.recipe.compose(({p.key: value}, f"{spec.path} space.{p.key}"))

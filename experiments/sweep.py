@@ -340,10 +340,10 @@ def _scan(spec: SweepSpec) -> Any:
     if spec.touches_scan:
         log.info("event=sweep_scan_per_trial reason=space_sweeps_data_keys")
         return None
-    from dataio.data import scan
+    from dataio.pipeline import scan_data
 
     t0 = time.time()
-    index = scan(spec.base.data, spec.base.train.seed)
+    index = scan_data(spec.base)  # photos or clips, by the model preset's kind
     log.info("event=sweep_scan seconds=%.1f train=%d val=%d", time.time() - t0, len(index.train), len(index.val))
     return index
 

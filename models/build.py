@@ -16,9 +16,9 @@ from core.errors import CheckpointError
 
 
 def build_model(cfg: Config, pretrained: bool | None = None) -> torch.nn.Module:
-    """The detector the config describes: an image Detector, or the dual-stream video model."""
+    """The detector the config describes, by its preset's kind: an image Detector, or the dual-stream video model."""
     model_cfg = cfg.model if pretrained is None else cfg.model.model_copy(update={"pretrained": pretrained})
-    if cfg.model.is_video:
+    if cfg.model.kind == "video":
         from models.video import create_dual_stream
 
         return create_dual_stream(model_cfg, cfg.loss.num_outputs, image_size=cfg.data.image_size, lq_size=cfg.data.lq_size)

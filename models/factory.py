@@ -29,6 +29,7 @@ from models.pretrained import (
     offline_weights_file, read_state_dict,
 )
 from core.config import ModelConfig
+from core.errors import ConfigError
 from core.registry import UnknownNameError
 
 log = logging.getLogger(__name__)
@@ -197,6 +198,9 @@ def create_detector(model_cfg: ModelConfig, num_outputs: int, image_size: Option
     Raises UnknownNameError (preset/timm name), PretrainedUnavailable (weights), ValueError (attention on tokens).
     """
     preset = get_preset(model_cfg.model_type)
+    if preset.kind != "image":
+        raise ConfigError(f"model.model_type={preset.name} is a {preset.kind} preset; build it with "
+                          "models.build.build_model(cfg)")
     name = model_cfg.model_name or preset.backbone
     source: Source = "timm" if model_cfg.model_name else preset.source
     # weights by priority: pretrained_path > the preset's offline package (if installed) > hub

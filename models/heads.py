@@ -13,9 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.config import ModelConfig
-from core.registry import Registry
+from core.registry import HEADS
 
-HEADS: Registry[nn.Module] = Registry("head")
 
 
 class LinearHead(nn.Module):
@@ -125,5 +124,5 @@ def _arcface(in_features: int, num_outputs: int, cfg: ModelConfig) -> nn.Module:
 
 
 def create_head(name: str, in_features: int, num_outputs: int, cfg: ModelConfig) -> nn.Module:
-    """Build head `name` (linear | mlp | arcface) for `in_features` pooled features."""
+    """Build the registered head `name` for `in_features` pooled features."""
     return HEADS.create(name, in_features=in_features, num_outputs=num_outputs, cfg=cfg)

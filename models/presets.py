@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Literal, Optional
 
-from core.registry import Registry
+from core.registry import MODEL_PRESETS
 
 Source = Literal["timm", "torchvision"]
+Kind = Literal["image", "video"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,8 @@ class ModelPreset:
     offline_weights: key in models.pretrained.OFFLINE_WEIGHTS (an installed pip package with ImageNet
         weights) used instead of the hub when `pretrained` is on; None -> timm/torchvision hub.
     is_conv: the backbone emits an NCHW feature map (channels_last helps; attention applies).
+    kind: "image" (one photo/frame at a time) or "video" (clips; dataio.pipeline reads clips and
+        models.build builds the dual-stream model from model.hq_backbone / model.lq_backbone).
     """
 
     name: str
@@ -29,13 +32,14 @@ class ModelPreset:
     source: Source = "timm"
     offline_weights: Optional[str] = None
     is_conv: bool = True
+    kind: Kind = "image"
 
 
-PRESETS: Registry[ModelPreset] = Registry("model preset")
+PRESETS = MODEL_PRESETS
 
 
 def _add(name: str, backbone: str, **kw: object) -> None:
-    PRESETS.register(name, partial(ModelPreset, name=name, backbone=backbone, **kw))
+    PRESETS.register(name, partial(ModelPreset, name=name, backbone=backbone, **kw), kind=kw.get("kind", "image"))
 
 
 _add("efficientnet", "efficientnet_b0")
@@ -58,6 +62,8 @@ _add("mobilenetv2_timm", "mobilenetv2_100")
 _add("test_efficientnet", "test_efficientnet")
 _add("test_vit", "test_vit", is_conv=False)
 _add("test_convnext", "test_convnext")
+# video: HQ + LQ frame streams, ConvLSTM, fusion (models.video); its backbones are model.hq_backbone/lq_backbone
+_add("dual_stream", "efficientnet_b4", kind="video")
 
 
 def get_preset(name: str) -> ModelPreset:

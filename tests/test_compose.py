@@ -74,3 +74,32 @@ def test_layers_apply_in_order_and_errors_name_their_layer(tmp_path: Path) -> No
     assert load_config(overrides={"model.model_type": "xception"}) == compose(layers=[({"model.model_type": "xception"}, "--set")])
     with pytest.raises(Exception, match=r"'model.dropout' from command line"):
         compose(layers=[({"optim.lr": 1e-3}, "--set"), ({"model.dropout": 2.0}, "command line")])
+
+
+def test_every_model_file_names_a_preset() -> None:
+    """configs/models/<type>.yaml applies by name: a file whose name is not a preset would never apply."""
+    from core.config import MODEL_CONFIGS
+
+    for f in MODEL_CONFIGS.glob("*.yaml"):
+        assert f.stem in PRESETS, f"{f} names no model preset"
+
+
+def test_a_misspelt_name_exits_2_before_any_mlflow_run(tmp_path: Path) -> None:
+    """A typo is a one-line error naming the closest registered name, and no (FAILED) run is left behind."""
+    import os
+    import subprocess
+    import sys
+
+    from core.config import REPO_ROOT
+
+    db = tmp_path / "mlflow.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    for flags, hint in ((["--loss_type", "focl"], "focal"), (["--model_type", "dual_steam"], "dual_stream"),
+                        (["--scheduler", "cosin"], "cosine"), (["--freeze_strategy", "partial:0"], "partial:N")):
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "train_unified.py"), *flags,
+                               "--output_dir", str(tmp_path / "out")],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and hint in lines[0], proc.stderr
+    assert not db.exists() and not (tmp_path / "out").exists() and not (tmp_path / "mlruns").exists()

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-from typing import get_args
 
 import numpy as np
 import pytest
@@ -15,10 +14,10 @@ from training.losses import (
     build_mixup,
     create_loss,
     mix_batch,
-    scores_from_logits,
     soft_binary_targets,
 )
 from core.registry import UnknownNameError
+from models.outputs import fake_prob, logits_from_prob
 
 Z = torch.tensor([2.0, -1.0, 0.5, -3.0, 0.0, 1.5])  # one logit per image
 Y = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])  # 1 = fake
@@ -33,10 +32,22 @@ def _logits_for(loss_type: str) -> torch.Tensor:
     return Z2.clone() if loss_type == "ce" else Z[:, None].clone()
 
 
-def test_registry_matches_config_choices() -> None:
-    assert LOSSES.names() == sorted(get_args(LossConfig.model_fields["loss_type"].annotation))
+def test_the_registry_is_the_only_list_of_losses(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Config accepts exactly the registered losses, with the num_outputs each declared; a new loss is one
+    registration (no Literal, no CLI choices list, no YAML comment list to edit)."""
+    assert {"bce", "focal", "label_smoothing", "ce"} <= set(LOSSES.names())
+    for name in LOSSES.names():
+        assert LossConfig(loss_type=name).num_outputs == create_loss(LossConfig(loss_type=name)).num_outputs
     with pytest.raises(UnknownNameError, match="focal"):
         LOSSES.get("focall")
+    with pytest.raises(ValueError, match="did you mean 'focal'"):
+        LossConfig(loss_type="focall")
+    monkeypatch.setitem(LOSSES._factories, "hinge2", lambda cfg, pos_weight=None: torch.nn.Identity())
+    monkeypatch.setitem(LOSSES._meta, "hinge2", {"num_outputs": 2})
+    assert LossConfig(loss_type="hinge2").num_outputs == 2
+    from training.train_unified import build_parser
+
+    assert "hinge2" in build_parser().format_help()
 
 
 def test_bce_matches_manual_formula() -> None:
@@ -150,19 +161,23 @@ def test_ce_over_more_classes_targets_real_and_fake_only() -> None:
     assert torch.isfinite(wide)
     z9[:, 2:] = -1e4
     assert torch.allclose(_loss("ce")(z9, y), _loss("ce")(z9[:, :2], y), atol=1e-6)
-    assert torch.allclose(scores_from_logits(z9), torch.softmax(z9[:, :2], 1)[:, 1])
+    assert torch.allclose(fake_prob(z9), torch.softmax(z9[:, :2], 1)[:, 1])
+    assert LossConfig(loss_type="ce", num_classes=9).num_outputs == 9
 
 
-def test_scores_from_logits() -> None:
-    torch.testing.assert_close(scores_from_logits(Z[:, None]), torch.sigmoid(Z))
-    torch.testing.assert_close(scores_from_logits(Z), torch.sigmoid(Z))
-    s2 = scores_from_logits(Z2)
+def test_fake_prob_of_one_and_two_output_heads() -> None:
+    """models.outputs.fake_prob: the one logits -> P(fake) used by training, evaluation, TTA and serving."""
+    torch.testing.assert_close(fake_prob(Z[:, None]), torch.sigmoid(Z))
+    s2 = fake_prob(Z2)
     assert s2.shape == (6,)
     torch.testing.assert_close(s2, torch.softmax(Z2, 1)[:, 1])
-    torch.testing.assert_close(s2, torch.sigmoid(Z2[:, 1] - Z2[:, 0]))
-    assert scores_from_logits(Z2.bfloat16()).dtype == torch.float32
-    with pytest.raises(ValueError, match="shape"):
-        scores_from_logits(torch.zeros(4, 3, 2))
+    assert fake_prob(Z2.bfloat16()).dtype == torch.float32
+    with pytest.raises(ValueError, match="outputs"):
+        fake_prob(torch.zeros(4, 0))
+    p = torch.tensor([0.1, 0.5, 0.9])
+    for k in (1, 2, 9):  # P(fake) -> raw outputs -> P(fake), also through a softmax over all K
+        torch.testing.assert_close(fake_prob(logits_from_prob(p, k)), p)
+    torch.testing.assert_close(torch.softmax(logits_from_prob(p, 9), 1)[:, 1], p)
 
 
 # ------------------------------------------------------------------------------ mixup

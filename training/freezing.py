@@ -14,14 +14,13 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Optional
 
-from timm.models import group_parameters
 from torch import nn
 
-from core.registry import Registry
+from core.registry import FREEZE_STRATEGIES
 
 log = logging.getLogger(__name__)
 
-FREEZE: Registry[None] = Registry("freeze strategy")  # fn(detector, epoch, unfreeze_epoch, arg) sets requires_grad
+FREEZE = FREEZE_STRATEGIES  # name -> fn(detector, epoch, unfreeze_epoch, arg) that sets requires_grad
 _STRATEGY_RE = re.compile(r"^(?P<name>[a-z_]+)(?::(?P<arg>.*))?$")
 
 
@@ -64,6 +63,8 @@ def backbone_groups(backbone: nn.Module) -> list[list[str]]:
     matcher = getattr(backbone, "group_matcher", None)
     if not callable(matcher):
         raise ValueError(f"partial:N needs a backbone with timm's group_matcher; {type(backbone).__name__} has none")
+    from timm.models import group_parameters  # here, not at import: Config validation lists strategies fast
+
     groups = group_parameters(backbone, matcher(coarse=True))
     return [groups[k] for k in sorted(groups)]
 
@@ -107,6 +108,9 @@ def parse_strategy(strategy: str) -> tuple[str, Optional[int]]:
     if raw is None or not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"freeze strategy {strategy!r}: use partial:N with N >= 1 backbone stages to train")
     return name, int(raw)
+
+
+FREEZE.set_parser(parse_strategy)  # the Config checks "partial:N" forms through it
 
 
 def apply_freeze(detector: nn.Module, strategy: str, epoch: int = 0, unfreeze_epoch: int = 1) -> ParamSummary:

@@ -1,4 +1,4 @@
-"""Binary real/fake losses by name, P(fake) scores, and timm Mixup with soft binary targets.
+"""Binary real/fake losses by name (each declares its num_outputs) and timm Mixup with soft binary targets.
 
 Every loss takes `logits` (B, num_outputs) and float `targets` (B,) in [0, 1] (soft targets from
 mixup allowed; 1 = fake) and returns a scalar mean. Losses run in float32 even under autocast.
@@ -6,19 +6,20 @@ mixup allowed; 1 = fake) and returns a scalar mean. Losses run in float32 even u
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.nn.functional as F
-from timm.data import Mixup
 from torch import Tensor, nn
 
 from core.config import AugConfig, ConfigError, LossConfig
-from core.registry import Registry
+from core.registry import LOSSES
+
+if TYPE_CHECKING:  # timm (and torchvision) load only when mixup is built: Config validation lists losses fast
+    from timm.data import Mixup
 
 log = logging.getLogger(__name__)
 
-LOSSES: Registry[nn.Module] = Registry("loss")
 
 
 def _single_logit(logits: Tensor, loss_name: str) -> Tensor:
@@ -136,24 +137,24 @@ class SoftTargetCELoss(BinaryLoss):
         return F.cross_entropy(logits.float(), probs, weight=weight)
 
 
-@LOSSES.register("bce")
+@LOSSES.register("bce", num_outputs=1)
 def _bce(cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.Module:
     return BCELoss(pos_weight)
 
 
-@LOSSES.register("label_smoothing")
+@LOSSES.register("label_smoothing", num_outputs=1)
 def _label_smoothing(cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.Module:
     return LabelSmoothingBCELoss(cfg.label_smoothing, pos_weight)
 
 
-@LOSSES.register("focal")
+@LOSSES.register("focal", num_outputs=1)
 def _focal(cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.Module:
     if pos_weight is not None:
         log.info("loss=focal pos_weight=%.4g ignored: focal_alpha=%s balances the classes", pos_weight, cfg.focal_alpha)
     return FocalLoss(cfg.focal_alpha, cfg.focal_gamma)
 
 
-@LOSSES.register("ce")
+@LOSSES.register("ce", num_outputs=lambda cfg: cfg.num_classes)
 def _ce(cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.Module:
     return SoftTargetCELoss(pos_weight)
 
@@ -163,16 +164,6 @@ def create_loss(loss_cfg: LossConfig, pos_weight: Optional[float] = None) -> nn.
     loss = LOSSES.create(loss_cfg.loss_type, cfg=loss_cfg, pos_weight=pos_weight)
     log.debug("loss=%s pos_weight=%s", loss_cfg.loss_type, pos_weight)
     return loss
-
-
-def scores_from_logits(logits: Tensor) -> Tensor:
-    """P(fake) per image (B,): sigmoid of 1 logit, softmax over the (real, fake) logits of K >= 2 (float32)."""
-    logits = logits.detach().float()
-    if logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 1):
-        return torch.sigmoid(logits.reshape(-1))
-    if logits.ndim == 2 and logits.shape[1] >= 2:
-        return torch.softmax(logits[:, :2], dim=1)[:, 1]
-    raise ValueError(f"expected logits of shape (B,), (B, 1) or (B, K >= 2), got {tuple(logits.shape)}")
 
 
 # ------------------------------------------------------------------------------ mixup
@@ -186,6 +177,8 @@ def build_mixup(aug_cfg: AugConfig) -> Optional[Mixup]:
         return None
     if aug_cfg.mixup_alpha <= 0 and aug_cfg.cutmix_alpha <= 0:
         raise ConfigError("aug.use_mixup needs aug.mixup_alpha > 0 or aug.cutmix_alpha > 0 (both are 0)")
+    from timm.data import Mixup
+
     return Mixup(
         mixup_alpha=aug_cfg.mixup_alpha,
         cutmix_alpha=aug_cfg.cutmix_alpha,

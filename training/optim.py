@@ -17,12 +17,10 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, OneCycleLR, ReduceLROnPlateau
 
 from core.config import OptimConfig
-from core.registry import Registry
+from core.registry import OPTIMIZERS, SCHEDULERS
 
 log = logging.getLogger(__name__)
 
-OPTIMIZERS: Registry[Optimizer] = Registry("optimizer")
-SCHEDULERS: Registry["LRSchedule"] = Registry("scheduler")
 PART_NAMES = ("backbone", "classifier")
 
 

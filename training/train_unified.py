@@ -39,18 +39,18 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "backbone_lr": ("optim.backbone_lr", {"type": float}),
     "classifier_lr": ("optim.classifier_lr", {"type": float}),
     "weight_decay": ("optim.weight_decay", {"type": float}),
-    "scheduler": ("optim.scheduler", {"choices": ["cosine", "plateau", "onecycle", "none"]}),
+    "scheduler": ("optim.scheduler", {"type": str}),
     "warmup_epochs": ("optim.warmup_epochs", {"type": float}),
     "gradient_accumulation": ("optim.gradient_accumulation", {"type": int}),
     "gradient_clip": ("optim.gradient_clip", {"type": float}),
-    "loss_type": ("loss.loss_type", {"choices": ["bce", "focal", "label_smoothing", "ce"]}),
+    "loss_type": ("loss.loss_type", {"type": str}),
     "focal_alpha": ("loss.focal_alpha", {"type": float}),
     "focal_gamma": ("loss.focal_gamma", {"type": float}),
     "label_smoothing": ("loss.label_smoothing", {"type": float}),
     "num_classes": ("loss.num_classes", {"type": int, "help": "ce/arcface logits per image (seed 002: 9)"}),
     "mixup_alpha": ("aug.mixup_alpha", {"type": float}),
     "early_stopping_patience": ("train.early_stopping_patience", {"type": int}),
-    "freeze_strategy": ("train.freeze_strategy", {"type": str, "help": "full | frozen | progressive | partial:N"}),
+    "freeze_strategy": ("train.freeze_strategy", {"type": str}),
     "unfreeze_epoch": ("train.unfreeze_epoch", {"type": int}),
     "output_dir": ("train.output_dir", {"type": str}),
     "checkpoint_in": ("train.checkpoint_in", {"type": str, "help": "initial weights (e.g. a stage-1 checkpoint)"}),
@@ -84,8 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None, help="ImageNet weights")
     p.add_argument("--no_tracking", action="store_true", help="do not log to MLflow")
     p.add_argument("-v", "--verbose", action="store_true")
+    from core.registry import FAMILIES
+
     for name, (key, kw) in FLAGS.items():
-        p.add_argument(f"--{name}", dest=name, default=None, **{"help": key, **kw})
+        names = f"{key}: one of {', '.join(FAMILIES[key].names())}" if key in FAMILIES else key  # from the registry
+        p.add_argument(f"--{name}", dest=name, default=None, **{"help": names, **kw})
     for name, (key, value) in SWITCHES.items():
         p.add_argument(f"--{name}", action="store_true", default=None, help=f"{key}={value}")
     return p
