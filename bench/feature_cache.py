@@ -12,7 +12,6 @@ one-off cost of building the cache and the largest difference in val AUC / loss 
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
@@ -29,6 +28,7 @@ import pandas as pd  # noqa: E402
 
 from core.config import REPO_ROOT, load_config  # noqa: E402
 from training.trainer import train  # noqa: E402
+from core.cli import ArgumentParser  # noqa: E402
 
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "lfw_faceswap"
 
@@ -53,7 +53,7 @@ def one_run(args, mode: str, root: Path) -> dict[str, object]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_type", default="mobilenetv2")
     p.add_argument("--image_size", type=int, default=128)
     p.add_argument("--batch_size", type=int, default=32)

@@ -31,6 +31,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.config import REPO_ROOT, known_keys, load_config  # noqa: E402
+from core.cli import ArgumentParser  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data"
 TRAIN_SET, GAN_SET = DATA / "lfw_faceswap", DATA / "hardfake_vs_real"
@@ -112,7 +113,7 @@ def select_on_extra(name: str, base_row: dict[str, object], run_dir: Path) -> di
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--image_size", type=int, default=96)

@@ -14,7 +14,6 @@ load drifting on a shared machine hits the sides of one round alike.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import statistics
@@ -36,6 +35,7 @@ from dataio.loaders import decode_size, load_rgb  # noqa: E402
 from models import create_detector  # noqa: E402
 from serving.predict import collect_images, load_scorer, score_images  # noqa: E402
 from serving.pyfunc_model import save_member  # noqa: E402
+from core.cli import ArgumentParser  # noqa: E402
 
 log = logging.getLogger("bench.inference")
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "lfw_faceswap"
@@ -69,7 +69,7 @@ def timed(fn) -> tuple[float, object]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_type", default="mobilenetv2")
     p.add_argument("--image_size", type=int, default=160)
     p.add_argument("--center_crop", type=float, default=0.5)

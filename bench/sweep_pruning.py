@@ -14,7 +14,6 @@ Each study gets its own temporary Optuna storage and output folder; MLflow track
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from experiments.sweep import run_sweep  # noqa: E402
 from core.config import parse_set  # noqa: E402
+from core.cli import ArgumentParser  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def print_pair(base: dict, pruned: dict) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", default=str(REPO_ROOT / "experiments" / "sweeps" / "default.yaml"))
     p.add_argument("--n_trials", type=int, help="trial budget for both studies (default: the file's)")
     p.add_argument("--pruner", choices=["median", "hyperband", "percentile"],

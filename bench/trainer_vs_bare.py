@@ -8,7 +8,6 @@ and the ratio (target >= 0.97), for fp32 and for bf16 autocast + channels_last.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import logging
@@ -31,6 +30,7 @@ from dataio.data import scan  # noqa: E402
 from dataio.loaders import build_loaders  # noqa: E402
 from dataio.pipeline import data_config  # noqa: E402
 from training.trainer import train  # noqa: E402
+from core.cli import ArgumentParser  # noqa: E402
 
 
 def bare_loop(cfg, index, steps: int) -> float:
@@ -65,7 +65,7 @@ def trainer_run(cfg) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model_type", default="efficientnet_lite0")
     ap.add_argument("--image_size", type=int, default=96)
     ap.add_argument("--batch_size", type=int, default=32)

@@ -277,8 +277,8 @@ class Config(_Section):
         if self.model.head == "arcface" and self.loss.loss_type != "ce":
             raise ValueError("model.head=arcface is a 2-class margin head; set loss.loss_type=ce")
         if self.loss.num_classes != 2 and self.loss.num_outputs == 1:
-            raise ValueError(f"loss.num_classes={self.loss.num_classes} needs a loss with one logit per class "
-                             f"(loss.loss_type=ce); {self.loss.loss_type} uses one logit")
+            raise ValueError(f"loss.num_classes={self.loss.num_classes} needs loss.loss_type=ce (the other losses "
+                             "use one logit)")
         if self.model.kind == "video" and self.aug.use_mixup:
             raise ValueError("model.model_type=dual_stream trains on clips; mixup is for images: turn aug.use_mixup off")
         if self.data.face_crop != "none" and self.data.center_crop is not None:

@@ -11,7 +11,6 @@ the blending artefacts tell them apart.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
@@ -19,13 +18,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
 
 from augmentation.blending import blend, resample, self_blend, soft_mask
 from core.config import REPO_ROOT
+from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -264,18 +264,22 @@ def ensure_demo_data(root: Path = DEFAULT_ROOT, n_per_class: int = 300, size: in
     Atomic: written into a temp folder beside `root`, then renamed into place. A non-empty folder at
     `root` without our manifest is never replaced.
     """
-    root = Path(root)
-    want = _wanted(n_per_class, size, seed)
+    return materialize(Path(root), _wanted(n_per_class, size, seed), lambda out: generate(out, n_per_class, size, seed))
+
+
+def materialize(root: Path, want: dict[str, Any], build: Callable[[Path], dict[str, int]]) -> Path:
+    """`build(tmp)` writes a generated set into a temp folder, renamed to `root` with a manifest (`want` plus
+    counts), unless `root` already holds the same one. Shared by the demo faces and the demo clips."""
     if _is_current(root, want):
         return root
-    if root.exists() and any(root.iterdir()) and (_read_manifest(root) or {}).get("generator") != GENERATOR:
+    if root.exists() and any(root.iterdir()) and (_read_manifest(root) or {}).get("generator") != want["generator"]:
         raise FileExistsError(f"{root} exists and is not a generated demo set; choose another folder")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     old = root.parent / f".{root.name}.old-{uuid.uuid4().hex[:8]}"
     try:
         t0 = time.perf_counter()
-        counts = generate(tmp, n_per_class, size, seed)
+        counts = build(tmp)
         (tmp / MANIFEST).write_text(json.dumps({**want, "counts": counts}, indent=2, sort_keys=True))
         if root.exists():
             root.rename(old)  # a stale version (or an empty folder) of ours
@@ -284,8 +288,8 @@ def ensure_demo_data(root: Path = DEFAULT_ROOT, n_per_class: int = 300, size: in
         except OSError:  # another process renamed its copy into place first
             if not _is_current(root, want):
                 raise
-        log.info("demo_data=generated path=%s n_per_class=%d size=%d seed=%d seconds=%.1f",
-                 root, n_per_class, size, seed, time.perf_counter() - t0)
+        log.info("demo_data=generated path=%s %s seconds=%.1f", root,
+                 " ".join(f"{k}={v}" for k, v in want.items() if k != "generator"), time.perf_counter() - t0)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
@@ -293,7 +297,7 @@ def ensure_demo_data(root: Path = DEFAULT_ROOT, n_per_class: int = 300, size: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate the synthetic demo face set (once).")
+    parser = ArgumentParser(description="Generate the synthetic demo face set (once).")
     parser.add_argument("--out", type=Path, default=DEFAULT_ROOT, help="output folder (default: data/demo)")
     parser.add_argument("--n_per_class", type=int, default=300)
     parser.add_argument("--size", type=int, default=96)

@@ -19,9 +19,14 @@ def is_video(cfg: Config) -> bool:
 
 
 def data_config(cfg: Config) -> DataConfig:
-    """data.data_dir, or the generated demo set when none is given."""
+    """data.data_dir, or when none is given the generated demo set: faces for an image model, clips of faces
+    for a video model."""
     if cfg.data.data_dir:
         return cfg.data
+    if is_video(cfg):
+        from dataio.demo_clips import ensure_demo_clips
+
+        return cfg.data.model_copy(update={"data_dir": str(ensure_demo_clips())})
     from dataio.demo_data import ensure_demo_data
 
     return cfg.data.model_copy(update={"data_dir": str(ensure_demo_data())})

@@ -22,7 +22,6 @@ self-contained) and predictions/<run>__<data>.parquet, and logs them to an MLflo
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
 import math
@@ -39,6 +38,7 @@ from evaluation.evaluate import (
     EvalOptions, EvaluateError, Source, add_scoring_args, attach_run, check_supported, dataset_name, is_bad_input,
     resolve_source, score_dataset, setup_cli, tta_from_args, validation_table,
 )
+from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def log_crosseval(result: CrossEvalResult, opts: EvalOptions, experiment_name: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation.crosseval", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m evaluation.crosseval", description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", required=True, help="MLflow run ids or checkpoints")
     p.add_argument("--datasets", nargs="+", required=True, help="data folders or CSV indexes")
     p.add_argument("--in_domain_split", default="test", choices=["all", "test", "val"],

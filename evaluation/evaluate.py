@@ -35,6 +35,7 @@ from evaluation.scoring import ScoredData, dataset_name, score_samples, with_fac
 from evaluation.scoring import score_dataset as _score_dataset
 from models.build import load_trained_model
 from core.errors import UserError
+from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +394,7 @@ def is_bad_input(e: Exception) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m evaluation.evaluate", description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="MLflow run id of a training run")
     src.add_argument("--checkpoint", help="checkpoint file, run folder or runs:/RUN_ID/checkpoints/best.pt")

@@ -38,6 +38,7 @@ from evaluation.inference import predict
 from dataio.video_data import (
     VideoClipDataset, VideoSettings, collate_clips, find_videos, frame_samples, list_frames, read_pairs,
 )
+from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def score_videos(model: torch.nn.Module, videos: Sequence[Sample], out_dir: str 
 
 # ------------------------------------------------------------------------------ CLI
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m evaluation.video_scoring", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m evaluation.video_scoring", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="best.pt / last.pt / run folder / runs:/RUN_ID/path")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--pairs", help="training_pairs.csv (video_path,label[,split])")

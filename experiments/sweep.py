@@ -8,7 +8,6 @@ logs a parent MLflow run with the best trial, the trials table and Optuna's plot
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import multiprocessing as mp
@@ -33,6 +32,7 @@ from experiments import sweep_report as report
 from experiments.search_space import SweepSpec, load_sweep
 from experiments.study import Heartbeat, best_trial, default_storage, make_storage, open_study, study_figures
 from core.errors import UserError
+from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
 TrainFn = Callable[..., Any]
@@ -363,7 +363,7 @@ def _fail_stale(study: optuna.Study, with_mlflow: bool) -> None:
 
 # ---------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", required=True, help="sweep YAML (experiments/sweeps/*.yaml)")
     p.add_argument("--n_trials", type=int, help="trials to run in this call (added to the study)")
     p.add_argument("--timeout", type=float, help="seconds; no new trial starts after this")

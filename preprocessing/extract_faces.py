@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from preprocessing.faces import Border, FaceDetector, crop_face, pick_face
 from core.naming import CLASS_RE as _CLASS_RE, IMAGE_EXTENSIONS  # the class-folder spelling and photo types of training data
+from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def extract_dataset(src: str | Path, out: str | Path, opts: ExtractOptions = Ext
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m preprocessing.extract_faces", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m preprocessing.extract_faces", description=__doc__.split("\n")[0])
     p.add_argument("--src", required=True, help="folder with {real,fake}/** videos or photos, or one file")
     p.add_argument("--out", required=True, help="output folder (resumable)")
     which = p.add_mutually_exclusive_group()

@@ -14,7 +14,6 @@ to an MLflow run named ensemble-<method>.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from evaluation.calibration import fit_temperature, logits_from_scores, sigmoid
 from evaluation.metrics import binary_metrics, bootstrap_ci
 from serving.pyfunc_model import combine_scores, reduce_reference
 from core.errors import UserError
+from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -352,7 +352,7 @@ def run_ensemble(*, experiment: str | None = None, study: str | None = None, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.ensemble", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m serving.ensemble", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--experiment", help="MLflow experiment name: its finished runs")
     src.add_argument("--study", help="Optuna study name: its trial runs (tag study_name)")

@@ -11,7 +11,6 @@ interval) is written beside the CSV. Unreadable images are skipped with a warnin
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import re
@@ -23,6 +22,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 from core.errors import UserError
+from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -152,14 +152,25 @@ def labelled_metrics(df: pd.DataFrame, threshold: float = 0.5) -> dict[str, floa
 VIDEO_FLAGS = {"--test-pairs": "--pairs", "--video-dir": "--video-dir", "--video": "--video"}
 
 
+def _flag(arg: str) -> str:
+    """'--test_pairs=x' -> '--test-pairs' (either spelling of a flag, core.cli)."""
+    return arg.split("=")[0].replace("_", "-") if arg.startswith("--") else arg
+
+
+def _to_video_scoring(arg: str) -> str:
+    """The seed guide's video flags under evaluation.video_scoring's names (--test-pairs -> --pairs)."""
+    flag, eq, value = arg.partition("=")
+    return VIDEO_FLAGS[_flag(flag)] + eq + value if _flag(flag) in VIDEO_FLAGS else arg
+
+
 def predict_videos(argv: list[str]) -> int:
     """Seed-guide video scoring: --checkpoint with --test-pairs/--video-dir/--video goes to
     evaluation.video_scoring; a registry/pyfunc --model with --video scores the extracted faces per frame."""
     from evaluation import video_scoring
 
     if "--model" not in argv:
-        return video_scoring.main([VIDEO_FLAGS.get(a, a) for a in argv])
-    p = argparse.ArgumentParser(prog="python -m serving.predict")
+        return video_scoring.main([_to_video_scoring(a) for a in argv])
+    p = ArgumentParser(prog="python -m serving.predict")
     p.add_argument("--model", required=True)
     p.add_argument("--video", required=True, help="with --model: one raw video file (faces are extracted first)")
     p.add_argument("--output-dir", default="results")
@@ -189,9 +200,9 @@ def predict_videos(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(arg.split("=")[0] in VIDEO_FLAGS for arg in argv):
+    if any(_flag(arg) in VIDEO_FLAGS for arg in argv):
         return predict_videos(argv)
-    p = argparse.ArgumentParser(prog="python -m serving.predict", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m serving.predict", description=__doc__.split("\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="pyfunc URI, e.g. models:/deepfake-detector@champion or runs:/ID/image_model")
     src.add_argument("--run", help="run id: its image model, else its best checkpoint")

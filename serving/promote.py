@@ -11,7 +11,6 @@ already), 1 refused by the gate, 2 bad input.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from evaluation.metrics import MetricError, binary_metrics, bootstrap_distribution
 from core.errors import UserError
+from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +225,7 @@ def _tag_gate(client: MlflowClient, r: PromotionResult, margin: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serving.promote", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m serving.promote", description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, metavar="RUN_ID", help="training or ensemble run to promote")
     p.add_argument("--name", default=DEFAULT_NAME, help=f"registered model name (default {DEFAULT_NAME})")
     p.add_argument("--margin", type=float, default=0.0, help="allowed drop of test AUC vs the champion")

@@ -19,6 +19,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
+from core.cli import ArgumentParser  # noqa: E402  (after the sys.path line above)
+
 # flag -> (config key, argparse kwargs). Seed-guide names are kept; each maps onto one Config key.
 FLAGS: dict[str, tuple[str, dict]] = {
     "data_dir": ("data.data_dir", {"type": str}),
@@ -31,7 +33,7 @@ FLAGS: dict[str, tuple[str, dict]] = {
     "model_name": ("model.model_name", {"type": str, "help": "any timm model name (overrides the preset backbone)"}),
     "pretrained_path": ("model.pretrained_path", {"type": str}),
     "dropout": ("model.dropout", {"type": float}),
-    "head": ("model.head", {"choices": ["linear", "mlp", "arcface"]}),
+    "head": ("model.head", {"type": str}),
     "embedding_dim": ("model.embedding_dim", {"type": int, "help": "mlp/arcface embedding size"}),
     "num_epochs": ("train.num_epochs", {"type": int}),
     "epochs": ("train.num_epochs", {"type": int, "help": "alias of --num_epochs (seed Xception script)"}),
@@ -74,7 +76,7 @@ SWITCHES: dict[str, tuple[str, object]] = {  # store_true flag -> (config key, v
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group()
     source.add_argument("--config", help="a YAML file of config keys (as in experiments/configs/default.yaml)")
     source.add_argument("--preset", help="NAME of experiments/configs/NAME.yaml, e.g. seed003 (EfficientNet-B3 "
