@@ -10,7 +10,6 @@ ms per sample and the ratio to the plain sample.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,13 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from core.config import REPO_ROOT, load_config  # noqa: E402
 from dataio.data import DataIndex, Sample  # noqa: E402
 from dataio.loaders import build_loaders  # noqa: E402
+from core.cli import ArgumentParser  # noqa: E402
 
 DATA = REPO_ROOT.parent / "shared" / "data" / "lfw_faceswap"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=60, help="real images")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--image_size", type=int, default=128)

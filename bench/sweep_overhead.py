@@ -12,7 +12,6 @@ val decoded again every epoch), alternating the two, so load on a shared machine
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import functools
 import logging
@@ -24,6 +23,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+from core.cli import ArgumentParser  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -105,7 +105,7 @@ def report(r: dict) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweep", default=str(REPO_ROOT / "experiments" / "sweeps" / "default.yaml"))
     p.add_argument("--n_trials", type=int, default=4)
     p.add_argument("--epochs", type=int, help="train.num_epochs of every trial (default: the file's)")

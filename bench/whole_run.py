@@ -172,7 +172,7 @@ def run_side(side: str, a: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)  # runs before the repo is on sys.path
     p.add_argument("--model_type", default="mobilenetv2_timm", help="our preset (timm model for the timm side)")
     p.add_argument("--timm_model", default="mobilenetv2_100")
     p.add_argument("--image_size", type=int, default=160)

@@ -135,6 +135,11 @@ class ModelConfig(_Section):
         """"image" or "video": what the preset declared (models.presets); data and model building dispatch on it."""
         return FAMILIES["model.model_type"].meta(self.model_type)["kind"]
 
+    @property
+    def is_video(self) -> bool:
+        """The preset's kind is video (clips, not photos)."""
+        return self.kind == "video"
+
 
 class OptimConfig(_Section):
     optimizer: str = "adamw"  # a registered optimizer (training.optim)

@@ -137,9 +137,10 @@ def experiment_overview(tracking_uri: str, name: str | None = None, port: int = 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m core.tracking --experiment NAME --port 5000`: the experiment overview `make ui` prints."""
-    import argparse
+    
+    from core.cli import ArgumentParser
 
-    p = argparse.ArgumentParser(description="List the MLflow experiments and the training-view link to open")
+    p = ArgumentParser(description="List the MLflow experiments and the training-view link to open")
     p.add_argument("--tracking_uri", help="default: $MLFLOW_TRACKING_URI or sqlite:///<repo>/mlruns/mlflow.db")
     p.add_argument("--experiment", help="the experiment to open (default: the one with the latest run)")
     p.add_argument("--port", type=int, default=5000)
