@@ -17,6 +17,9 @@ METHOD ?= weighted
 EXPERIMENT ?= deepfake-detection
 MARGIN ?= 0.0
 SERVE_PORT ?= 5001
+ROOTS ?=          # make serve: folders (:-separated) whose images clients may name by path; empty = bytes only
+MAX_ROWS ?= 256   # make serve: images per request
+MAX_MB ?= 64      # make serve: megabytes of image data per request
 SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 .DEFAULT_GOAL := help
@@ -80,9 +83,10 @@ promote: $(STAMP) ## register RUN=<run_id> as challenger; champion moves unless 
 	@test -n "$(RUN)" || { echo "usage: make promote RUN=<run_id> [MARGIN=0.0] [FORCE=1]"; exit 2; }
 	$(PY) -m serving.promote --run $(RUN) --margin $(MARGIN) $(if $(FORCE),--force)
 
-serve: $(STAMP) ## serve models:/deepfake-detector@champion on 127.0.0.1:$(SERVE_PORT) in the background
+serve: $(STAMP) ## serve the champion on 127.0.0.1 in the background (ROOTS=dirs clients may name by path)
 	@mkdir -p mlruns
-	MLFLOW_TRACKING_URI=$(SERVE_URI) PATH=$(CURDIR)/.venv/bin:$$PATH setsid .venv/bin/mlflow models serve \
+	MLFLOW_TRACKING_URI=$(SERVE_URI) PATH=$(CURDIR)/.venv/bin:$$PATH DFSWEEP_DATA_ROOTS="$(strip $(ROOTS))" \
+	  DFSWEEP_MAX_REQUEST_ROWS=$(strip $(MAX_ROWS)) DFSWEEP_MAX_REQUEST_MB=$(strip $(MAX_MB)) setsid .venv/bin/mlflow models serve \
 	  -m "models:/deepfake-detector@champion" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) \
 	  > mlruns/serve.log 2>&1 & echo $$! > mlruns/serve.pid
 	@echo "serving on http://127.0.0.1:$(SERVE_PORT)/invocations (log mlruns/serve.log); stop with: make serve-stop"

@@ -110,10 +110,27 @@ class _InProcess:
         return self.impl.predict(None, df, params)
 
 
+def allow_local_files(paths: Sequence[str]) -> None:
+    """Let this process's model read the user's own files: their folders join DFSWEEP_DATA_ROOTS.
+
+    The served model accepts paths only under those roots (serving.image_inputs); this CLI runs as the user
+    who named the files, so their folders are allowed here (the variable changes in this process only)."""
+    import os
+
+    from serving.image_inputs import ROOTS_ENV
+
+    folders = dict.fromkeys(os.path.dirname(os.path.realpath(p)) for p in paths)
+    current = [r for r in os.environ.get(ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+    os.environ[ROOTS_ENV] = os.pathsep.join(dict.fromkeys(current + list(folders)))
+
+
 def score_images(scorer, paths: Sequence[str], batch_size: int = 32, threshold: float = 0.5, num_workers: int = -1
                  ) -> tuple[pd.DataFrame, list[tuple[str, str]]]:
-    """(predictions path, fake_prob, prediction[, label]; skipped (path, reason)) for readable images."""
+    """(predictions path, fake_prob, prediction[, label]; skipped (path, reason)) for readable images.
+
+    The paths go to the model in requests that fit its size limits (serving.image_inputs.chunks)."""
     from dataio.data import check_image
+    from serving.image_inputs import chunks
 
     with ThreadPoolExecutor(max_workers=8) as pool:  # file reads and header checks overlap
         reasons = list(pool.map(check_image, paths))
@@ -123,8 +140,10 @@ def score_images(scorer, paths: Sequence[str], batch_size: int = 32, threshold: 
     good = [p for p, r in zip(paths, reasons) if r is None]
     if not good:
         raise PredictError(f"none of the {len(paths)} images is readable")
-    df = pd.DataFrame(scorer.predict(pd.DataFrame({"path": good}), params={"batch_size": batch_size,
-                                                                           "num_workers": num_workers}))
+    allow_local_files(good)
+    params = {"batch_size": batch_size, "num_workers": num_workers}
+    df = pd.concat([pd.DataFrame(scorer.predict(pd.DataFrame({"path": part}), params=params)) for part in chunks(good)],
+                   ignore_index=True)
     df["prediction"] = np.where(df["fake_prob"] >= threshold, "fake", "real")
     labels = [label_from_path(p) for p in df["path"]]
     if any(label is not None for label in labels):
@@ -181,12 +200,16 @@ def predict_videos(argv: list[str]) -> int:
     a = p.parse_args(argv)
     from core.tracking import setup_cli
     from dataio.video_data import list_frames
+    from serving.image_inputs import chunks
 
     setup_cli(a.tracking_uri)
     try:
         video = video_scoring.videos_from_file(a.video, Path(a.output_dir) / "faces", n_frames=a.n_frames)[0]
         frames = list_frames(video.path)
-        scored = load_scorer(model=a.model).predict(pd.DataFrame({"path": frames}))
+        scorer = load_scorer(model=a.model)
+        allow_local_files(frames)
+        scored = pd.concat([pd.DataFrame(scorer.predict(pd.DataFrame({"path": part}))) for part in chunks(frames)],
+                           ignore_index=True)
     except (OSError, ValueError, PredictError) as e:
         print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@ one MLflow pyfunc (models-from-code, no pickle).
 
     info = log_image_model([member_from_run(rid)], name="image_model")     # inside an active run
     m = mlflow.pyfunc.load_model("models:/deepfake-detector@champion")
-    m.predict(pd.DataFrame({"path": ["a.jpg", "b.png"]}))   # -> DataFrame path, fake_prob
+    m.predict(pd.DataFrame({"path": ["a.jpg", "b.png"]}))   # -> DataFrame path, fake_prob (under DFSWEEP_DATA_ROOTS)
+    m.predict(pd.DataFrame({"image": [base64_of_jpeg]}))    # -> DataFrame fake_prob
     m.predict(uint8_images_nhwc)                             # or float32 (N,3,H,W) RGB in [0, 1] -> fake_prob
 
 Each member resizes/normalises with its own eval transform (its image size, mean, std) and gives a
@@ -13,8 +14,10 @@ an image array, and a missing/unreadable path is reported by `predict` itself as
 """
 from __future__ import annotations
 
+import base64
 import json
 import logging
+import os
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -27,8 +30,8 @@ import pandas as pd
 import torch
 
 from evaluation.calibration import sigmoid
-from serving.image_inputs import (  # noqa: F401  (bad_input, load_image: part of this module's API)
-    DecodedPaths, bad_input, collate_decoded, default_workers, images_from_input, load_image, one_cv2_thread,
+from serving.image_inputs import (  # noqa: F401  (bad_input, decode: part of this module's API)
+    DecodedPaths, bad_input, collate_decoded, decode, default_workers, parse_request,
 )
 from models.outputs import fake_logit
 from core.config import REPO_ROOT
@@ -164,15 +167,18 @@ class ImageEnsembleModel(mlflow.pyfunc.PythonModel):
         self.members = [_Member(f, dev) for f in checkpoint_files]
         return self
 
-    def _path_logits(self, paths: list[str], batch: int, workers: int) -> np.ndarray:
-        """(N, K) member logits; files are decoded (JPEG draft at each member's size, as in training) and
+    def _path_logits(self, paths: list[str | bytes], batch: int, workers: int,
+                     client_paths: list[str] | None = None) -> np.ndarray:
+        """(N, K) member logits; files (or encoded bytes) are decoded (JPEG draft at each member's size, as in training) and
         transformed in `workers` DataLoader processes while the members score the previous batch."""
         keys = list(dict.fromkeys(m.prep_key for m in self.members))
         first = {key: next(m for m in self.members if m.prep_key == key) for key in keys}
         loader = torch.utils.data.DataLoader(
-            DecodedPaths(paths, [(first[key].transform, first[key].size) for key in keys]), batch_size=batch,
-            num_workers=workers, collate_fn=collate_decoded, worker_init_fn=one_cv2_thread if workers else None,
-            pin_memory=self.members[0].device.type == "cuda")
+            DecodedPaths(paths, [(first[key].transform, first[key].size) for key in keys], client_paths),
+            batch_size=batch,
+            # no cv2.setNumThreads(1) in the workers: in a child forked after the parent used OpenCV's thread
+            # pool it deadlocks (pthread_cond_destroy on the parent's pool; test_ensemble hung on it)
+            num_workers=workers, collate_fn=collate_decoded, pin_memory=self.members[0].device.type == "cuda")
         logits = np.zeros((len(paths), len(self.members)))
         start = 0
         for groups in loader:
@@ -191,31 +197,29 @@ class ImageEnsembleModel(mlflow.pyfunc.PythonModel):
         return cls().setup(spec, [m.checkpoint for m in members], device)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """DataFrame `path` -> DataFrame path, fake_prob; image array -> DataFrame fake_prob.
+        """DataFrame `path` -> DataFrame path, fake_prob; `image` (base64) or an image array -> DataFrame fake_prob.
 
         The hint says DataFrame because MLflow validates (and rejects arrays for) any other hint; arrays,
-        lists of paths and {"path": [...]} dicts are accepted too (see `images_from_input`)."""
-        paths, arrays = images_from_input(model_input)
-        batch = int((params or {}).get("batch_size") or 32)
-        n = len(paths) if paths is not None else len(arrays)
-        if paths is not None:
-            missing = [p for p in paths if not Path(p).is_file()]
-            if missing:
-                more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-                raise bad_input(f"image not found: {', '.join(missing[:3])}{more}")
+        lists of paths and {"path": [...]} dicts are accepted too. Paths must lie under DFSWEEP_DATA_ROOTS and
+        requests fit the size limits (serving.image_inputs)."""
+        req = parse_request(model_input)
+        batch = max(1, int((params or {}).get("batch_size") or 32))
+        n = len(req)
+        if req.arrays is None:
             workers = int((params or {}).get("num_workers", -1))
-            logits = self._path_logits(paths, batch, default_workers(n, batch) if workers < 0 else workers)
+            workers = default_workers(n, batch) if workers < 0 else min(workers, os.cpu_count() or 1)  # client-set
+            logits = self._path_logits(req.sources, batch, workers, req.paths)
         else:
             logits = np.zeros((n, len(self.members)))
             for start in range(0, n, batch):
                 for k, member in enumerate(self.members):
-                    logits[start:start + batch, k] = member.logits(list(arrays[start:start + batch]))
+                    logits[start:start + batch, k] = member.logits(list(req.arrays[start:start + batch]))
         s = self.spec
         prob = combine_scores(logits, s["rule"], s["weights"], [m["temperature"] for m in s["members"]],
                               [m["threshold"] for m in s["members"]], [m.get("reference") for m in s["members"]])
         out = pd.DataFrame({"fake_prob": np.clip(prob, 0.0, 1.0)})
-        if paths is not None:
-            out.insert(0, "path", paths)
+        if req.paths is not None:
+            out.insert(0, "path", req.paths)
         return out
 
 
@@ -321,8 +325,8 @@ def log_image_model(members: Sequence[MemberSpec], weights: Sequence[float] | No
             if "config" not in ckpt:
                 raise ValueError(f"checkpoint {m.checkpoint} has no 'config'; cannot rebuild the network")
             artifacts[f"member_{i}"] = str(save_member(ckpt["model"], ckpt["config"], Path(tmp) / f"member_{i}.pt"))
-        if example_path and Path(example_path).is_file():
-            example: Any = pd.DataFrame({"path": [str(example_path)]})
+        if example_path and Path(example_path).is_file():  # the bytes route: paths need the server's data roots
+            example: Any = pd.DataFrame({"image": [base64.b64encode(Path(example_path).read_bytes()).decode()]})
         else:
             example = np.zeros((1, 32, 32, 3), dtype=np.uint8)
         info = mlflow.pyfunc.log_model(

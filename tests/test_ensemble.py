@@ -178,7 +178,8 @@ def reference_probs(checkpoint: Path, paths: list[str]) -> np.ndarray:
         return det(x)[:, 0].double().numpy()
 
 
-def test_ensemble_pyfunc_equals_weighted_member_scores(tmp_path: Path) -> None:
+def test_ensemble_pyfunc_equals_weighted_member_scores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DFSWEEP_DATA_ROOTS", str(ensure_demo_data()))  # paths are served only under the data roots
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment(experiment_id=mlflow.create_experiment("pf", artifact_location=(tmp_path / "a").as_uri()))
     ckpts = [tiny_member(tmp_path, 0, 32), tiny_member(tmp_path, 1, 40)]  # own image sizes and weights
@@ -198,7 +199,8 @@ def test_ensemble_pyfunc_equals_weighted_member_scores(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ensemble_cli_on_trained_runs_logs_run_and_model(tmp_path: Path) -> None:
+def test_ensemble_cli_on_trained_runs_logs_run_and_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DFSWEEP_DATA_ROOTS", str(ensure_demo_data()))  # paths are served only under the data roots
     """Two tiny trained runs -> `python -m serving.ensemble` -> ensemble run whose model reproduces it."""
     from training.trainer import train
 

@@ -54,7 +54,8 @@ def test_paired_difference_of_identical_scores_is_zero() -> None:
     assert diff > 0 and low > 0 and low <= diff <= high
 
 
-def test_registry_round_trip_with_aliases(store: Path) -> None:
+def test_registry_round_trip_with_aliases(store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DFSWEEP_DATA_ROOTS", str(Path(demo_images(1)[0]).parents[1]))  # served paths: only under the roots
     rid = make_run(store, "first", 1.5)
     r = promote(rid, n_boot=200)
     assert r.promoted and r.reason == "no champion yet" and r.version == "1"

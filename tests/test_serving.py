@@ -1,10 +1,12 @@
 """The image model in use: request errors, arrays, the predict CLI and `mlflow models serve`."""
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import time
@@ -18,6 +20,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
+from serving.image_inputs import ROOTS_ENV, chunks
 from serving.predict import label_from_path
 from serving.predict import main as predict_main
 from serving.pyfunc_model import ImageEnsembleModel, log_image_model, member_from_checkpoint
@@ -32,10 +35,16 @@ def model(tmp_path: Path) -> ImageEnsembleModel:
     return ImageEnsembleModel.from_members([member_from_checkpoint(tiny_member(tmp_path, 0, 32))], device="cpu")
 
 
-def test_arrays_score_like_files_and_bad_requests_name_the_path(model: ImageEnsembleModel, tmp_path: Path) -> None:
+def _b64(path: str | Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def test_arrays_and_bytes_score_like_files_and_bad_requests_are_400(model: ImageEnsembleModel, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     from dataio.loaders import load_rgb
 
     paths = demo_images(1)
+    monkeypatch.setenv(ROOTS_ENV, str(Path(paths[0]).parents[1]))
     by_path = model.predict(None, pd.DataFrame({"path": paths}))
     u8 = np.stack([load_rgb(p, 32) for p in paths])  # same decode as the path route (JPEG draft at 32 px)
     by_array = model.predict(None, u8)
@@ -43,22 +52,78 @@ def test_arrays_score_like_files_and_bad_requests_name_the_path(model: ImageEnse
     np.testing.assert_allclose(by_array["fake_prob"], by_path["fake_prob"], atol=1e-6)
     by_float = model.predict(None, (u8.transpose(0, 3, 1, 2) / 255.0).astype(np.float32))
     np.testing.assert_allclose(by_float["fake_prob"], by_path["fake_prob"], atol=1e-3)
-    not_image = tmp_path / "notes.jpg"
-    not_image.write_text("not an image")
-    cases = {str(tmp_path / "missing.jpg"): "image not found", str(not_image): "not a readable image"}
-    for path, message in cases.items():
-        with pytest.raises(MlflowException, match=message) as exc:
-            model.predict(None, pd.DataFrame({"path": [paths[0], path]}))
-        assert path in str(exc.value) and exc.value.error_code == "INVALID_PARAMETER_VALUE"
-    for bad in (pd.DataFrame({"file": paths}), np.full((1, 3, 8, 8), 2.0, np.float32), np.zeros((2, 8), np.uint8)):
+    by_bytes = model.predict(None, pd.DataFrame({"image": [_b64(p) for p in paths]}))  # no roots needed
+    monkeypatch.delenv(ROOTS_ENV)
+    assert list(by_bytes.columns) == ["fake_prob"]
+    np.testing.assert_allclose(by_bytes["fake_prob"], by_path["fake_prob"], atol=1e-6)
+    bad_requests = (pd.DataFrame({"file": paths}), pd.DataFrame({"path": paths, "image": [_b64(paths[0])] * 2}),
+                    pd.DataFrame({"image": ["not base64!"]}), pd.DataFrame({"image": [base64.b64encode(b"text").decode()]}),
+                    np.full((1, 3, 8, 8), 2.0, np.float32), np.zeros((2, 8), np.uint8))
+    for bad in bad_requests:
         with pytest.raises(MlflowException) as exc:
             model.predict(None, bad)
+        assert exc.value.get_http_status_code() == 400 and "\n" not in exc.value.message
+
+
+def test_paths_only_under_the_data_roots_with_one_answer_for_every_refusal(
+        model: ImageEnsembleModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client cannot read server files outside DFSWEEP_DATA_ROOTS, nor learn whether a file exists."""
+    root, outside = tmp_path / "served", tmp_path / "private"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    image = demo_images(1)[0]
+    shutil.copy(image, root / "sub" / "ok.jpg")
+    shutil.copy(image, outside / "secret.jpg")
+    (root / "link.jpg").symlink_to(outside / "secret.jpg")  # inside by name, outside once resolved
+    (root / "inner.jpg").symlink_to(root / "sub" / "ok.jpg")  # resolves inside: allowed
+    (root / "notes.jpg").write_text("not an image")
+    (root / "dir.jpg").mkdir()
+    monkeypatch.setenv(ROOTS_ENV, os.pathsep.join(["", str(tmp_path / "elsewhere"), str(root)]))
+    ok = model.predict(None, pd.DataFrame({"path": [str(root / "sub" / "ok.jpg"), str(root / "inner.jpg")]}))
+    assert ok["fake_prob"].nunique() == 1
+    refused = [outside / "secret.jpg", root / "link.jpg", root / "sub" / ".." / ".." / "private" / "secret.jpg",
+               root / "missing.jpg", outside / "missing.jpg", root / "notes.jpg", root / "dir.jpg", "/etc/passwd",
+               "relative.jpg"]
+    answers = set()
+    for path in map(str, refused):
+        with pytest.raises(MlflowException) as exc:
+            model.predict(None, pd.DataFrame({"path": [str(root / "sub" / "ok.jpg"), path]}))
         assert exc.value.get_http_status_code() == 400
+        answers.add(exc.value.message.replace(repr(path), "<path>"))
+    assert len(answers) == 1, answers  # the same words whether the file exists, is outside, or is not an image
+    assert "DFSWEEP_DATA_ROOTS" in answers.pop()
+    monkeypatch.delenv(ROOTS_ENV)  # no roots configured: no path at all
+    with pytest.raises(MlflowException, match="allowed data roots"):
+        model.predict(None, pd.DataFrame({"path": [str(root / "sub" / "ok.jpg")]}))
 
 
-def test_decoding_workers_and_channels_last_keep_the_serial_scores(tmp_path: Path) -> None:
+def test_request_size_limits(model: ImageEnsembleModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = demo_images(1)[0]
+    monkeypatch.setenv("DFSWEEP_MAX_REQUEST_ROWS", "3")
+    with pytest.raises(MlflowException, match="4 images; the limit is 3") as exc:
+        model.predict(None, pd.DataFrame({"image": [_b64(image)] * 4}))
+    assert exc.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match="limit is 3"):
+        model.predict(None, np.zeros((4, 8, 8, 3), np.uint8))
+    assert len(model.predict(None, pd.DataFrame({"image": [_b64(image)] * 3}))) == 3
+    size_mb = Path(image).stat().st_size / 2**20
+    monkeypatch.setenv("DFSWEEP_MAX_REQUEST_MB", f"{size_mb * 1.5:.6f}")
+    with pytest.raises(MlflowException, match="MB of image data"):
+        model.predict(None, pd.DataFrame({"image": [_b64(image)] * 2}))
+    monkeypatch.setenv(ROOTS_ENV, str(Path(image).parent))
+    with pytest.raises(MlflowException, match="MB of image data"):
+        model.predict(None, pd.DataFrame({"path": [image, image]}))
+    assert len(model.predict(None, pd.DataFrame({"path": [image]}))) == 1
+    assert [len(c) for c in chunks([image] * 5)] == [1] * 5  # clients split to fit
+    monkeypatch.setenv("DFSWEEP_MAX_REQUEST_MB", "64")
+    assert [len(c) for c in chunks([image] * 7)] == [3, 3, 1]
+
+
+def test_decoding_workers_and_channels_last_keep_the_serial_scores(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Files decoded in worker processes, members in channels_last: the scores of a serial decode and a
     contiguous forward within 1e-5, in input order, over several batches; a bad file still names itself."""
+    monkeypatch.setenv(ROOTS_ENV, os.pathsep.join([str(Path(demo_images(1)[0]).parents[2]), str(tmp_path)]))
     ckpts = [tiny_member(tmp_path, 0, 32), tiny_member(tmp_path, 1, 40)]  # two preprocessings
     model = ImageEnsembleModel.from_members([member_from_checkpoint(c) for c in ckpts], [0.5, 0.5], device="cpu")
     assert all(m.channels_last for m in model.members)
@@ -72,6 +137,9 @@ def test_decoding_workers_and_channels_last_keep_the_serial_scores(tmp_path: Pat
     with pytest.raises(MlflowException, match="not a readable image") as exc:
         model.predict(None, pd.DataFrame({"path": paths + [str(bad)]}), params={"batch_size": 3, "num_workers": 2})
     assert str(bad) in str(exc.value) and exc.value.get_http_status_code() == 400
+    with pytest.raises(MlflowException, match="row 1 is not a readable image") as exc:  # bytes, decoded in workers
+        model.predict(None, pd.DataFrame({"image": [_b64(paths[0]), _b64(bad)]}), params={"num_workers": 2})
+    assert exc.value.get_http_status_code() == 400
 
 
 def test_label_from_path() -> None:
@@ -132,7 +200,8 @@ def test_served_champion_answers_an_image_with_a_score(tmp_path: Path) -> None:
 
     port = _free_port()
     bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           ROOTS_ENV: str(Path(image).parent)}
     log_file = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
                              "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
@@ -154,9 +223,14 @@ def test_served_champion_answers_an_image_with_a_score(tmp_path: Path) -> None:
         assert status == 200, body
         (row,) = body["predictions"]
         assert row["path"] == image and 0.0 <= row["fake_prob"] <= 1.0
-        missing = str(tmp_path / "no-such-image.jpg")
-        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["path"], "data": [[missing]]}})
-        assert 400 <= status < 500 and missing in body["message"]
+        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [[_b64(image)]]}})
+        assert status == 200 and body["predictions"][0]["fake_prob"] == pytest.approx(row["fake_prob"], abs=1e-6)
+        answers = set()
+        for refused in (str(tmp_path / "no-such-image.jpg"), str(tmp_path / "serve.log"), "/etc/hostname"):
+            status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["path"], "data": [[refused]]}})
+            assert status == 400 and refused in body["message"]
+            answers.add(body["message"].split("Error: ")[-1].replace(repr(refused), "<path>"))  # after MLflow's echo
+        assert len(answers) == 1, answers
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: pid == pgid, uvicorn workers included
         deadline = time.time() + 30
