@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from core.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+SLOW_WRITE_ENV = "DFSWEEP_TEST_CHECKPOINT_WRITE_SECONDS"  # tests only: pause between the temp file and the rename
 
 
 def atomic_save(obj: Any, path: str | Path) -> Path:
@@ -25,6 +27,8 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        if os.environ.get(SLOW_WRITE_ENV):  # crash tests: a window to kill the process mid-write
+            time.sleep(float(os.environ[SLOW_WRITE_ENV]))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -6,7 +6,9 @@ checkpoint sees the same batches; the trainer reseeds the train loader's streams
 from __future__ import annotations
 
 import logging
+import os
 import random
+import signal
 from dataclasses import replace
 from functools import partial
 from typing import Callable, Sequence
@@ -92,8 +94,21 @@ def collate_drop_none(batch: list, image_size: int) -> tuple[torch.Tensor, torch
     return torch.stack(images), torch.tensor(labels, dtype=torch.float32), torch.tensor(idx, dtype=torch.int64)
 
 
+def _worker_sigterm(signum: int, frame) -> None:  # noqa: ARG001
+    if getattr(_worker_sigterm, "seen", False):
+        os._exit(128 + signum)
+    _worker_sigterm.seen = True  # type: ignore[attr-defined]
+
+
 def seed_worker(worker_id: int) -> None:
-    """Seed numpy, random and the worker's albumentations pipeline from torch's per-worker seed."""
+    """Seed numpy, random and the worker's albumentations pipeline from torch's per-worker seed.
+
+    A worker ignores its first SIGTERM: a stop sent to the whole process group (a scheduler, `kill -- -PGID`)
+    is handled by the main process, which stops the run cleanly (KILLED, resumable) and shuts its workers
+    down; a worker dying of it first would fail the run with a worker traceback. A second SIGTERM (e.g.
+    multiprocessing's terminate()) ends the worker. torch's worker loop already leaves SIGINT to the main process.
+    """
+    signal.signal(signal.SIGTERM, _worker_sigterm)
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
