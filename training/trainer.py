@@ -47,19 +47,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class StopRequest:
+    """Which stop signal arrived, if any. The SIGTERM handler raises KeyboardInterrupt at once, but Python drops
+    an exception raised inside an at-fork hook ("Exception ignored"; the train loader forks its workers every
+    epoch), so the loop also checks this between batches and raises it there."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"signal {self.signum}")
+
+
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
+def sigterm_as_interrupt() -> Iterator[StopRequest]:
     """A SIGTERM (kill, scheduler pre-emption) unwinds like Ctrl-C so the run closes cleanly."""
+    stop = StopRequest()
+
     def _raise(signum, frame):  # noqa: ARG001
+        stop.signum = signum
         raise KeyboardInterrupt(f"signal {signum}")
 
     try:
         previous = signal.signal(signal.SIGTERM, _raise)
     except ValueError:  # not in the main thread (e.g. a sweep worker thread)
-        yield
+        yield stop
         return
     try:
-        yield
+        yield stop
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -120,6 +136,7 @@ class Trainer:
         self.best_val_table: pd.DataFrame | None = None
         self.best_val_metrics: dict[str, float] = {}
         self.feature_cache = None  # training.feature_cache.FeatureCache, built when fit() starts
+        self.stop = StopRequest()  # train() hands in the one its SIGTERM handler sets
 
     def choose_amp(self, resumed: str | None) -> "AmpChoice":
         """train.use_amp resolved for this device (core.amp); a resumed run keeps the precision it began with."""
@@ -197,6 +214,7 @@ class Trainer:
                    leave=False, disable=None, mininterval=0.5)
         shown = -math.inf  # when the bar's loss was last refreshed (reading it syncs the device)
         for i, (images, labels, _) in enumerate(bar):
+            self.stop.check()
             if len(images) == 0:
                 continue
             x, y = to_device(images, self.device, self.channels_last), labels.to(self.device)
@@ -286,6 +304,7 @@ class Trainer:
         t, pred_dir = self.cfg.train, self.run_dir / "predictions"
         pred_dir.mkdir(parents=True, exist_ok=True)
         for epoch in range(self.start_epoch, t.num_epochs):
+            self.stop.check()
             summary = apply_freeze(self.model, t.freeze_strategy, epoch, t.unfreeze_epoch)
             if not self.history or self.history[-1].get("trainable_params") != summary.trainable:
                 log.info("event=parameters epoch=%d total=%d trainable=%d frozen=%d strategy=%s",
@@ -347,9 +366,10 @@ def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, f
     if index is None:
         index = scan_data(cfg)
     run_dir: Path | None = Path(resume["path"]).parent if resume else None
-    with sigterm_as_interrupt():
+    with sigterm_as_interrupt() as stop:
         # Built before the MLflow run exists: bad weights or data fail without leaving an empty FAILED run.
         trainer = Trainer(cfg, index, run_dir, resumed_amp=(resume or {}).get("amp"))
+        trainer.stop = stop
         with RunTracker(cfg, resume_run_id=(resume or {}).get("run_id")) as tracker:
             if run_dir is None:
                 run_dir = Path(cfg.train.output_dir) / (tracker.run_id or time.strftime("run-%Y%m%d-%H%M%S"))
