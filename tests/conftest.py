@@ -21,3 +21,29 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+# The one tiny configuration for tests that train: a tiny timm model, 32 px, 64 images per split, CPU.
+TINY = {
+    "model.model_type": "test_efficientnet", "model.pretrained": False, "data.image_size": 32,
+    "data.batch_size": 16, "data.num_workers": 0, "data.max_samples_per_split": 64, "train.num_epochs": 2,
+    "optim.lr": 3e-3, "train.use_amp": False,
+}
+
+
+def make_tiny_cfg(root: Path, **extra):
+    """TINY composed like the CLI does (core.config.compose), with outputs and the MLflow store under `root`."""
+    from core.config import load_config
+
+    return load_config(overrides={**TINY, "train.output_dir": str(root / "outputs"),
+                                  "tracking.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
+                                  "tracking.experiment_name": "test", **extra})
+
+
+make_tiny_cfg.overrides = TINY  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def tiny_cfg():
+    """`tiny_cfg(root, **overrides)` -> a tiny Config whose outputs and MLflow store live under `root`."""
+    return make_tiny_cfg

@@ -25,7 +25,7 @@ from experiments.sweep import Heartbeat, main, run_sweep
 from experiments.sweep_report import format_table, top_trials
 from plotly.offline import get_plotlyjs
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TESTS = Path(__file__).resolve().parent
 GOOD = {"optim.lr": 1e-3, "model.dropout": 0.1, "loss.loss_type": "bce", "aug.use_mixup": False}
 WORSE = {**GOOD, "model.dropout": 0.9}    # clearly worse at every epoch

@@ -13,7 +13,7 @@ import pytest
 from preprocessing.extract_faces import INDEX_COLUMNS, ExtractOptions, extract_dataset, find_sources, frame_indices, main
 from preprocessing.faces import crop_face, outside_fraction, pick_face
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 LFW = SHARED_DATA / "lfw_faceswap"
 
 

@@ -1,46 +1,22 @@
 """Robustness: fixed degradations of decoded images, and the metrics table on a tiny model."""
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from augmentation.policies import build_transform
 from evaluation.robustness import (
     COLUMNS, DEFAULT_PERTURBATIONS, Perturbation, PerturbedTransform, parse_perturbations, robustness_figure,
     robustness_metrics, score_robustness,
 )
-from models import create_detector
-from core.checkpoints import atomic_save
-from core.config import load_config
 from dataio.loaders import load_rgb
 from evaluation.metrics import binary_metrics
 from evaluation.scoring import score_dataset, score_samples
 from models.build import load_trained_model
-
-
-def tiny_checkpoint(path: Path, seed: int = 0, dropout: float = 0.0) -> Path:
-    """A test_efficientnet checkpoint as train() writes it (weights + config), without training."""
-    cfg = load_config(overrides={"model.model_type": "test_efficientnet", "model.pretrained": False,
-                                 "model.dropout": dropout, "data.image_size": 32, "data.num_workers": 0})
-    torch.manual_seed(seed)
-    det = create_detector(cfg.model, cfg.loss.num_outputs, image_size=32)
-    return atomic_save({"model": det.state_dict(), "config": cfg.model_dump(mode="json")}, path)
-
-
-def subset_csv(root: Path, out: Path, per_class: int) -> Path:
-    """A CSV index over the first `per_class` real and fake images of a shared data set (no copies)."""
-    with out.open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label"])
-        for cls in ("real", "fake"):
-            for p in sorted((root / cls).glob("*.jpg"))[:per_class]:
-                w.writerow([str(p), cls])
-    return out
+from helpers import subset_csv, tiny_checkpoint  # noqa: F401  (re-exported for test_evaluate, test_crosseval)
 
 
 def test_every_perturbation_changes_pixels_deterministically(shared_data: Path) -> None:

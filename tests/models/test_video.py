@@ -32,7 +32,7 @@ from dataio.video_data import (
 
 TINY_VIDEO = {"hq_backbone": "test_efficientnet", "lq_backbone": "test_efficientnet", "lstm_channels": (16, 8)}
 SETTINGS = VideoSettings(sequence_length=4, frame_skip=2)
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def make_frame_videos(root: Path, shared: Path, n_per_class: int = 6, size: int = 64) -> Path:

@@ -21,20 +21,8 @@ from evaluation.evaluate import evaluate_config
 from training import train_unified
 from training.trainer import NonFiniteLossError, train
 
-TINY = {
-    "model.model_type": "test_efficientnet", "model.pretrained": False, "data.image_size": 32,
-    "data.batch_size": 16, "data.num_workers": 0, "data.max_samples_per_split": 64, "train.num_epochs": 2,
-    "optim.lr": 3e-3, "train.use_amp": False,
-}
 
-
-def tiny_cfg(tmp_path: Path, **extra):
-    return load_config(overrides={**TINY, "train.output_dir": str(tmp_path / "outputs"),
-                                  "tracking.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                  "tracking.experiment_name": "test", **extra})
-
-
-def test_two_epoch_demo_run_lands_in_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_two_epoch_demo_run_lands_in_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_cfg) -> None:
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # default 10 s: longer than this run
     import training.trainer as trainer_module
 
@@ -92,13 +80,13 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_checkpoint(path)["model"]
 
 
-def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
+def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path, tiny_cfg) -> None:
     """SIGKILL a CLI run after its first epoch checkpoint; --resume finishes it identically, same MLflow run."""
     common = {"train.num_epochs": 3, "tracking.log_model": False, "data.aug_policy": "basic",
               "train.max_steps_per_epoch": 3}
     full = train(tiny_cfg(tmp_path / "a", **common))
     out = tmp_path / "b" / "outputs"
-    sets = [f"{k}={v}" for k, v in {**TINY, **common, "train.output_dir": out,
+    sets = [f"{k}={v}" for k, v in {**tiny_cfg.overrides, **common, "train.output_dir": out,
                                      "tracking.tracking_uri": f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}"}.items()]
     argv = [sys.executable, str(REPO_ROOT / "training" / "train_unified.py")] + [a for s in sets for a in ("--set", s)]
     proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -115,7 +103,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert last is not None, "first epoch never checkpointed"
     ckpt = load_checkpoint(last)
     assert ckpt["epoch"] < 2, "the run finished before it could be killed"
-    resumed = train(load_config(overrides={**TINY, "train.resume": str(last)}))
+    resumed = train(load_config(overrides={**tiny_cfg.overrides, "train.resume": str(last)}))
     assert resumed.run_id == ckpt["run_id"] and resumed.epochs_run == 3
     a, b = _weights(full.output_dir / "last.pt"), _weights(last)
     assert a.keys() == b.keys()
@@ -127,13 +115,13 @@ def test_kill_and_resume_equals_uninterrupted_run(tmp_path: Path) -> None:
     assert mlflow.get_run(resumed.run_id).info.status == "FINISHED"
 
 
-def test_nan_loss_raises_clear_error(tmp_path: Path) -> None:
+def test_nan_loss_raises_clear_error(tmp_path: Path, tiny_cfg) -> None:
     with pytest.raises(NonFiniteLossError, match="lower the LR"):
         train(tiny_cfg(tmp_path, **{"optim.lr": 1e30, "optim.optimizer": "sgd", "train.num_epochs": 3,
                                     "tracking.enabled": False}))
 
 
-def test_eval_only_scores_another_dataset(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_eval_only_scores_another_dataset(tmp_path: Path, capsys: pytest.CaptureFixture, tiny_cfg) -> None:
     """--eval_only is the evaluation path: a run `evaluation` nested under the checkpoint's run."""
     first = train(tiny_cfg(tmp_path, **{"train.num_epochs": 1, "tracking.log_model": False}))
     cfg = tiny_cfg(tmp_path, **{"train.eval_only": True, "train.checkpoint": str(first.output_dir / "best.pt"),

@@ -133,7 +133,7 @@ def test_loaders_read_face_crops_for_every_split(shared_data: Path, tmp_path: Pa
 def test_evaluation_face_crop_per_dataset(shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """crosseval --face_crop none mtcnn: each data set read as asked; the table still names the original files."""
     from evaluation import crosseval as crosseval_cli
-    from test_robustness import subset_csv, tiny_checkpoint
+    from helpers import subset_csv, tiny_checkpoint
     from evaluation.scoring import with_face_crop
     from models.build import load_trained_model
 

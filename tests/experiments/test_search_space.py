@@ -10,7 +10,7 @@ from optuna.trial import FixedTrial
 from experiments.search_space import load_sweep
 from core.config import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SWEEPS = sorted((REPO_ROOT / "experiments" / "sweeps").glob("*.yaml"))
 
 SPACE = {

@@ -10,7 +10,7 @@ import pytest
 
 from core.tracking import experiment_overview
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ui_link_opens_the_named_or_latest_experiment(tmp_path: Path) -> None:

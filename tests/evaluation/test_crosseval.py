@@ -12,7 +12,7 @@ from evaluation import crosseval as crosseval_cli
 from evaluation.crosseval import CELL_METRICS, cell_metrics
 from evaluation.metrics import binary_metrics
 from evaluation.thresholds import choose_thresholds
-from test_robustness import subset_csv, tiny_checkpoint
+from helpers import subset_csv, tiny_checkpoint
 
 
 def test_crosseval_reports_every_measure_at_the_runs_own_val_threshold(tmp_path: Path, shared_data: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # lowest first (README "Layout"); a module may import only its own or lower layers
 LAYERS = ("core", "augmentation", "preprocessing", "dataio", "models", "evaluation", "training", "experiments",
           "serving")

@@ -14,7 +14,7 @@ from evaluation import evaluate as evaluate_cli
 from evaluation.evaluate import EvalOptions, Source
 from evaluation.scoring import score_dataset
 from models.build import load_trained_model
-from test_robustness import subset_csv, tiny_checkpoint
+from helpers import subset_csv, tiny_checkpoint
 
 
 def source_run(tmp_path: Path, ckpt: Path, data: Path, uri: str) -> str:
