@@ -35,6 +35,23 @@ def default_storage() -> str:
     return f"sqlite:///{REPO_ROOT / 'mlruns' / 'optuna.db'}"
 
 
+class RetryAndCloseRun(RetryHeartbeatStaleTrialCallback):
+    """Optuna's retry of a dead worker's trial, plus closing that trial's MLflow run (KILLED).
+
+    Whichever process finds the stale trial runs this: with several workers it is usually a surviving
+    worker inside `optimize`, so the sweep's own start-up check would never see the trial RUNNING and its
+    MLflow run would stay RUNNING for ever."""
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        super().__call__(study, trial)
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            from experiments.sweep_report import close_stale
+
+            log.warning("event=sweep_stale_trial trial=%d action=failed_and_retried", trial.number)
+            close_stale(run_id)
+
+
 def make_storage(url: str, hb: Heartbeat) -> RDBStorage:
     """RDBStorage with heartbeat + retry of stale trials; sqlite waits on locks instead of failing."""
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
@@ -42,7 +59,7 @@ def make_storage(url: str, hb: Heartbeat) -> RDBStorage:
         warnings.simplefilter("ignore", ExperimentalWarning)
         return RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=hb.interval,
                           grace_period=hb.grace_period,
-                          heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=hb.max_retry))
+                          heartbeat_stale_trial_callback=RetryAndCloseRun(max_retry=hb.max_retry))
 
 
 def make_sampler(spec: SweepSpec, seed: int) -> optuna.samplers.BaseSampler:

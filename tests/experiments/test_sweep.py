@@ -59,6 +59,16 @@ def hang_train(cfg, *, index=None, epoch_callback=None):
     time.sleep(600)
 
 
+def hang_one_train(cfg, *, index=None, epoch_callback=None):
+    """fake_train, except the first trial with dropout 0.5 (not its retry) reports one epoch, writes its
+    worker's pid, then hangs."""
+    if cfg.model.dropout == 0.5 and not Path(os.environ["HANG_PID_FILE"]).exists():
+        epoch_callback(0, {"val_auc": 0.6})
+        Path(os.environ["HANG_PID_FILE"]).write_text(str(os.getpid()))
+        time.sleep(600)
+    return fake_train(cfg, index=index, epoch_callback=epoch_callback)
+
+
 def write_sweep(tmp_path: Path, tracking: bool = False, **study) -> Path:
     doc = {
         "study": {"name": "t", "n_trials": 4, "seed": 0, "sampler": {"type": "tpe", "n_startup_trials": 3},
@@ -314,6 +324,52 @@ def test_a_killed_workers_trial_is_retried(tmp_path: Path, mlflow_uri: str) -> N
     old = mlflow.get_run(killed.user_attrs["mlflow_run_id"])
     assert old.info.status == "KILLED" and old.data.tags["trial_state"] == "FAIL"
     assert mlflow.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["retry_of_trial"] == "0"
+
+
+@pytest.mark.slow
+def test_kill_9_one_of_two_workers_then_rerun(tmp_path: Path, mlflow_uri: str) -> None:
+    """Two worker processes on one storage; one is SIGKILLed mid-trial while the other goes on. After a re-run:
+    every trial number once, none RUNNING, the killed trial FAIL and retried once with its params, and no
+    MLflow run left RUNNING (the surviving worker, not the re-run, usually finds the stale trial)."""
+    import mlflow
+
+    path, url = write_sweep(tmp_path, tracking=True, n_trials=4, pruner="none"), storage_url(tmp_path)
+    enqueue(tmp_path, {**GOOD, "model.dropout": 0.5})
+    pid_file = tmp_path / "hang.pid"
+    code = (f"import sys; sys.path[:0] = [{str(REPO_ROOT)!r}, {str(TESTS)!r}]\n"
+            "from test_sweep import hang_one_train\nfrom experiments.sweep import Heartbeat, run_sweep\n"
+            f"run_sweep({str(path)!r}, storage={url!r}, train_fn=hang_one_train, n_workers=2, "
+            "heartbeat=Heartbeat(1, 2, 1))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri, "HANG_PID_FILE": str(pid_file)})
+    try:
+        deadline = time.time() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+            assert proc.poll() is None, "the sweep ended before the hanging trial started"
+            time.sleep(0.2)
+        assert pid_file.exists(), "the hanging trial never started"
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)  # one worker dies; the other finishes the budget
+        assert proc.wait(timeout=180) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(3)  # > grace_period, in case no surviving worker looked after the kill
+    run_sweep(path, storage=url, n_trials=1, train_fn=fake_train, heartbeat=Heartbeat(1, 2, 1))
+    trials = load(tmp_path).trials
+    numbers = [t.number for t in trials]
+    assert sorted(numbers) == list(range(len(trials))) and len(trials) >= 5
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    killed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(killed) == 1 and killed[0].params["model.dropout"] == 0.5
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed[0].number]
+    assert len(retries) == 1 and retries[0].params == killed[0].params
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert not (runs["status"] == "RUNNING").any(), runs[["tags.mlflow.runName", "status"]]
+    old = mlflow.get_run(killed[0].user_attrs["mlflow_run_id"])
+    assert old.info.status == "KILLED" and old.data.tags["trial_state"] == "FAIL"
+    by_trial = runs[runs["tags.trial_number"].notna()]
+    assert sorted(by_trial["tags.trial_number"].astype(int)) == sorted(numbers)  # one MLflow run per trial
 
 
 def test_top_trials_rank_completed_then_pruned_then_failed() -> None:
