@@ -21,6 +21,7 @@ import base64
 import binascii
 import io
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -200,7 +201,7 @@ def decode(source: str | bytes, size_hint: int | None, row: int, client_path: st
 # ------------------------------------------------------------------------------------ worker-side decoding
 class DecodedPaths(torch.utils.data.Dataset):
     """Images (checked file paths or encoded bytes, see `parse_request`) decoded once per JPEG draft size and
-    transformed once per distinct member preprocessing; runs in DataLoader workers. An unreadable image
+    transformed once per distinct member preprocessing; runs in decoding threads (`decoded_batches`). An unreadable image
     gives its request-error message instead of tensors."""
 
     def __init__(self, sources: Sequence[str | bytes], preps: Sequence[tuple[Any, int]],
@@ -226,6 +227,27 @@ def collate_decoded(items: list) -> list[torch.Tensor] | str:
     """One (B,3,H,W) batch per preprocessing, or the first unreadable file's error message."""
     errors = [x for x in items if isinstance(x, str)]
     return errors[0] if errors else [torch.stack(group) for group in zip(*items)]
+
+
+def decoded_batches(dataset: DecodedPaths, batch_size: int, workers: int) -> Iterator[list[torch.Tensor] | str]:
+    """`collate_decoded` batches in order; with `workers` > 0 a thread pool decodes the next batch while the
+    caller scores this one. Threads, not forked DataLoader processes: a fork taken while another thread of a
+    long-lived server holds a lock (MLflow, OpenCV's pool, a thread pool) deadlocks the child. PIL/OpenCV
+    decoding and the albumentations resize release the GIL, so threads overlap them with the forward."""
+    starts = range(0, len(dataset), batch_size)
+    if workers <= 0:
+        for s in starts:
+            yield collate_decoded([dataset[i] for i in range(s, min(s + batch_size, len(dataset)))])
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        def submit(s: int):
+            return [pool.submit(dataset.__getitem__, i) for i in range(s, min(s + batch_size, len(dataset)))]
+
+        pending = submit(0) if len(dataset) else []
+        for s in starts:
+            items = [f.result() for f in pending]
+            pending = submit(s + batch_size) if s + batch_size < len(dataset) else []
+            yield collate_decoded(items)
 
 
 def default_workers(n_images: int, batch_size: int) -> int:

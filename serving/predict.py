@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threshold", type=float, default=0.5, help="P(fake) at or above which an image is fake")
     p.add_argument("--num-workers", type=int, default=-1,
-                   help="image decoding processes; -1: none for one batch, else up to 4")
+                   help="image decoding threads; -1: none for one batch, else up to 4")
     p.add_argument("--tracking-uri", help="default $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db")
     a = p.parse_args(argv)
     from core.tracking import setup_cli

@@ -31,7 +31,7 @@ import torch
 
 from evaluation.calibration import sigmoid
 from serving.image_inputs import (  # noqa: F401  (bad_input, decode: part of this module's API)
-    DecodedPaths, bad_input, collate_decoded, decode, default_workers, parse_request,
+    DecodedPaths, bad_input, decode, decoded_batches, default_workers, parse_request,
 )
 from models.outputs import fake_logit
 from core.config import REPO_ROOT
@@ -170,20 +170,18 @@ class ImageEnsembleModel(mlflow.pyfunc.PythonModel):
     def _path_logits(self, paths: list[str | bytes], batch: int, workers: int,
                      client_paths: list[str] | None = None) -> np.ndarray:
         """(N, K) member logits; files (or encoded bytes) are decoded (JPEG draft at each member's size, as in training) and
-        transformed in `workers` DataLoader processes while the members score the previous batch."""
+        transformed in `workers` threads while the members score the previous batch."""
         keys = list(dict.fromkeys(m.prep_key for m in self.members))
         first = {key: next(m for m in self.members if m.prep_key == key) for key in keys}
-        loader = torch.utils.data.DataLoader(
-            DecodedPaths(paths, [(first[key].transform, first[key].size) for key in keys], client_paths),
-            batch_size=batch,
-            # no cv2.setNumThreads(1) in the workers: in a child forked after the parent used OpenCV's thread
-            # pool it deadlocks (pthread_cond_destroy on the parent's pool; test_ensemble hung on it)
-            num_workers=workers, collate_fn=collate_decoded, pin_memory=self.members[0].device.type == "cuda")
+        loader = decoded_batches(
+            DecodedPaths(paths, [(first[key].transform, first[key].size) for key in keys], client_paths), batch, workers)
         logits = np.zeros((len(paths), len(self.members)))
         start = 0
         for groups in loader:
             if isinstance(groups, str):
                 raise bad_input(groups)
+            if self.members[0].device.type == "cuda":  # page-locked, so the copy to the GPU can be asynchronous
+                groups = [g.pin_memory() for g in groups]
             for k, member in enumerate(self.members):
                 logits[start:start + len(groups[0]), k] = member.logits_of(groups[keys.index(member.prep_key)])
             start += len(groups[0])

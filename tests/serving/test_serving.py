@@ -121,7 +121,7 @@ def test_request_size_limits(model: ImageEnsembleModel, monkeypatch: pytest.Monk
 
 def test_decoding_workers_and_channels_last_keep_the_serial_scores(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Files decoded in worker processes, members in channels_last: the scores of a serial decode and a
+    """Files decoded in worker threads, members in channels_last: the scores of a serial decode and a
     contiguous forward within 1e-5, in input order, over several batches; a bad file still names itself."""
     monkeypatch.setenv(ROOTS_ENV, os.pathsep.join([str(Path(demo_images(1)[0]).parents[2]), str(tmp_path)]))
     ckpts = [tiny_member(tmp_path, 0, 32), tiny_member(tmp_path, 1, 40)]  # two preprocessings
@@ -137,7 +137,7 @@ def test_decoding_workers_and_channels_last_keep_the_serial_scores(tmp_path: Pat
     with pytest.raises(MlflowException, match="not a readable image") as exc:
         model.predict(None, pd.DataFrame({"path": paths + [str(bad)]}), params={"batch_size": 3, "num_workers": 2})
     assert str(bad) in str(exc.value) and exc.value.get_http_status_code() == 400
-    with pytest.raises(MlflowException, match="row 1 is not a readable image") as exc:  # bytes, decoded in workers
+    with pytest.raises(MlflowException, match="row 1 is not a readable image") as exc:  # bytes, decoded in threads
         model.predict(None, pd.DataFrame({"image": [_b64(paths[0]), _b64(bad)]}), params={"num_workers": 2})
     assert exc.value.get_http_status_code() == 400
 
