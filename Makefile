@@ -83,7 +83,7 @@ promote: $(STAMP) ## register RUN=<run_id> as challenger; champion moves unless 
 	@test -n "$(RUN)" || { echo "usage: make promote RUN=<run_id> [MARGIN=0.0] [FORCE=1]"; exit 2; }
 	$(PY) -m serving.promote --run $(RUN) --margin $(MARGIN) $(if $(FORCE),--force)
 
-serve: $(STAMP) ## serve the champion on 127.0.0.1 in the background (ROOTS=dirs clients may name by path)
+serve: $(STAMP) ## serve the champion on 127.0.0.1:$(SERVE_PORT) in the background (ROOTS=dirs clients may name by path)
 	@mkdir -p mlruns
 	MLFLOW_TRACKING_URI=$(SERVE_URI) PATH=$(CURDIR)/.venv/bin:$$PATH DFSWEEP_DATA_ROOTS="$(strip $(ROOTS))" \
 	  DFSWEEP_MAX_REQUEST_ROWS=$(strip $(MAX_ROWS)) DFSWEEP_MAX_REQUEST_MB=$(strip $(MAX_MB)) setsid .venv/bin/mlflow models serve \

@@ -39,7 +39,10 @@ from core.config import REPO_ROOT
 log = logging.getLogger(__name__)
 
 COMBINE_RULES = ("prob", "logit", "vote", "rank")  # weighted P(fake) | weighted logit | votes | ECDF ranks
-CODE_PACKAGES = ("core", "augmentation", "preprocessing", "dataio", "models", "evaluation", "training", "serving")
+# experiments too: core.config reads experiments/configs/default.yaml next to the code it was imported from, and
+# loading the model puts this copy first on sys.path (MLflow re-imports code_paths modules from it)
+CODE_PACKAGES = ("core", "augmentation", "preprocessing", "dataio", "models", "evaluation", "training", "experiments",
+                 "serving")
 ENTRY_FILE = Path(__file__).with_name("pyfunc_entry.py")
 SPEC_FILE = "ensemble.json"
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "albumentations", "opencv-python-headless", "pillow",

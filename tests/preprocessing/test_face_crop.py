@@ -159,16 +159,22 @@ def test_evaluation_face_crop_per_dataset(shared_data: Path, tmp_path: Path, mon
                                "mtcnn", "--output_dir", str(out), "--no_tracking"]) == 2
 
 
-def test_served_model_of_a_face_crop_run_crops_like_training(shared_data: Path, tmp_path: Path) -> None:
+def test_served_model_of_a_face_crop_run_crops_like_training(shared_data: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """A pyfunc member trained with face_crop=mtcnn scores a photo (path or array) exactly as the run scored
     its cached crop."""
+    import os
+
     import torch
+
+    from serving.image_inputs import ROOTS_ENV
 
     from core.checkpoints import atomic_save
     from models import create_detector
     from serving.pyfunc_model import ImageEnsembleModel, member_from_checkpoint
 
     photos = lfw(shared_data, "real", 1) + lfw(shared_data, "fake", 1)
+    monkeypatch.setenv(ROOTS_ENV, os.pathsep.join([str(shared_data), str(tmp_path)]))  # the server's allowed roots
     plain = load_config(overrides={"model.model_type": "test_efficientnet", "model.pretrained": False,
                                    "data.image_size": 32, "data.num_workers": 0})
     cropped = plain.with_overrides({"data.face_crop": "mtcnn", "data.face_size": 64})
