@@ -48,12 +48,14 @@ def seed_everything(seed: int) -> None:
 
 
 class StopRequest:
-    """Which stop signal arrived, if any. The SIGTERM handler raises KeyboardInterrupt at once, but Python drops
-    an exception raised inside an at-fork hook ("Exception ignored"; the train loader forks its workers every
-    epoch), so the loop also checks this between batches and raises it there."""
+    """Which stop signal arrived, if any. Inside the epoch loop (`defer`) the SIGTERM handler only records it and
+    the loop raises KeyboardInterrupt between batches and epochs: raised at an arbitrary point, Python drops it
+    inside an at-fork hook (the train loader forks its workers every epoch) and torch prints a traceback for a
+    half-built loader iterator. Elsewhere the handler raises at once."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.defer = False
 
     def check(self) -> None:
         if self.signum is not None:
@@ -67,7 +69,8 @@ def sigterm_as_interrupt() -> Iterator[StopRequest]:
 
     def _raise(signum, frame):  # noqa: ARG001
         stop.signum = signum
-        raise KeyboardInterrupt(f"signal {signum}")
+        if not stop.defer:
+            raise KeyboardInterrupt(f"signal {signum}")
 
     try:
         previous = signal.signal(signal.SIGTERM, _raise)
@@ -290,9 +293,13 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, tracker, epoch_callback: Callable[[int, dict[str, float]], None] | None) -> str:
         """Run epochs from start_epoch; returns COMPLETE or EARLY_STOPPED."""
+        self.stop.defer = True
         try:
-            return self._fit(tracker, epoch_callback)
+            status = self._fit(tracker, epoch_callback)
+            self.stop.check()  # a stop during the last epoch's validation: still KILLED, resumable
+            return status
         finally:
+            self.stop.defer = False
             if self.feature_cache is not None:
                 self.feature_cache.release()
                 self.feature_cache = None
