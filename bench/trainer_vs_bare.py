@@ -8,14 +8,11 @@ and the ratio (target >= 0.97), for fp32 and for bf16 autocast + channels_last.
 """
 from __future__ import annotations
 
-import contextlib
-import itertools
 import logging
 import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,6 +28,7 @@ from dataio.loaders import build_loaders  # noqa: E402
 from dataio.pipeline import data_config  # noqa: E402
 from training.trainer import train  # noqa: E402
 from core.cli import ArgumentParser  # noqa: E402
+from bare_loop import bare_steps  # noqa: E402  (bench/ is the script folder, first on sys.path)
 
 
 def bare_loop(cfg, index, steps: int) -> float:
@@ -40,20 +38,7 @@ def bare_loop(cfg, index, steps: int) -> float:
     cl = bool(cfg.model.channels_last)
     model = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format).train()
     loader = build_loaders(index, cfg, model.data_config["mean"], model.data_config["std"])["train"]
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg.train.use_amp else contextlib.nullcontext
-    seen, t0 = 0, time.perf_counter()
-    for x, y, _ in itertools.islice(loader, steps):
-        if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with amp():
-            loss = loss_fn(model(x).float()[:, 0], y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seen += len(x)
-    return seen / (time.perf_counter() - t0)
+    return bare_steps(model, loader, steps, cfg.optim.lr, cfg.optim.weight_decay, cl, bool(cfg.train.use_amp))
 
 
 def trainer_run(cfg) -> float:

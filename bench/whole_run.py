@@ -58,10 +58,10 @@ def side_bare(a: argparse.Namespace) -> dict:
     """Same detector, data pipeline, optimizer family and loss as ours; no tracking, no files; one val pass."""
     sys.path.insert(0, str(REPO_ROOT))
     import contextlib
-    import itertools
 
     import torch
 
+    from bare_loop import bare_steps
     from core.config import load_config
     from dataio.data import scan
     from dataio.loaders import build_loaders
@@ -74,19 +74,9 @@ def side_bare(a: argparse.Namespace) -> dict:
     cl = model.is_convnet
     model = model.to(memory_format=torch.channels_last if cl else torch.contiguous_format).train()
     loaders = build_loaders(index, cfg, model.data_config["mean"], model.data_config["std"])
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
+    img_s = bare_steps(
+        model, loaders["train"], a.steps, cfg.optim.lr, cfg.optim.weight_decay, cl, a.bare_bf16)
     amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if a.bare_bf16 else contextlib.nullcontext
-    seen, t0 = 0, time.perf_counter()
-    for x, y, _ in itertools.islice(loaders["train"], a.steps):
-        x = x.contiguous(memory_format=torch.channels_last) if cl else x
-        with amp():
-            loss = loss_fn(model(x).float()[:, 0], y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        seen += len(x)
-    img_s = seen / (time.perf_counter() - t0)
     model.eval()
     scores, labels = [], []
     with torch.no_grad(), amp():
