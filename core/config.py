@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence, Union
+from typing import Any, ClassVar, Literal, Optional, Sequence, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from core.errors import ConfigError
 from core.registry import FAMILIES
@@ -27,17 +27,26 @@ EXTRA_VAL_METRICS = ("auc", "ap")  # logged per epoch for every data.extra_val s
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
-
-
 def registered(key: str, value: str) -> str:
     """`value` if the registry of `key` (core.registry.FAMILIES) knows it; else a ValueError listing the names."""
     FAMILIES[key].check(value)
     return value
 
 
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+    section: ClassVar[str] = ""  # "model" for ModelConfig: its fields are "model.<name>" in FAMILIES
+
+    @field_validator("*")
+    @classmethod
+    def _registered_name(cls, v: Any, info: ValidationInfo) -> Any:
+        """A field that names a registry entry (FAMILIES has "<section>.<field>") must be a registered name."""
+        key = f"{cls.section}.{info.field_name}"
+        return registered(key, v) if key in FAMILIES else v
+
+
 class DataConfig(_Section):
+    section: ClassVar[str] = "data"
     data_dir: Optional[str] = None  # folder or CSV index; None -> the generated demo set (data/demo)
     image_size: int = Field(224, ge=16, le=1024)
     batch_size: int = Field(32, ge=1)
@@ -59,11 +68,6 @@ class DataConfig(_Section):
     frame_skip: int = Field(3, ge=1)
     lq_size: Optional[int] = Field(None, ge=16)  # None -> image_size // 2
     lq_jpeg_quality: tuple[int, int] = (30, 50)
-
-    @field_validator("aug_policy")
-    @classmethod
-    def _policy_known(cls, v: str) -> str:
-        return registered("data.aug_policy", v)
 
     @field_validator("extra_val", mode="before")
     @classmethod
@@ -93,6 +97,7 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    section: ClassVar[str] = "model"
     model_type: str = "efficientnet"  # a registered model preset (models.presets); its kind: image or video
     model_name: Optional[str] = None  # any timm model name; overrides the preset's backbone
     pretrained: bool = True
@@ -120,16 +125,6 @@ class ModelConfig(_Section):
             raise ValueError("must be odd so the ConvLSTM keeps the feature-map size")
         return v
 
-    @field_validator("model_type")
-    @classmethod
-    def _preset_known(cls, v: str) -> str:
-        return registered("model.model_type", v)
-
-    @field_validator("head")
-    @classmethod
-    def _head_known(cls, v: str) -> str:
-        return registered("model.head", v)
-
     @property
     def kind(self) -> str:
         """"image" or "video": what the preset declared (models.presets); data and model building dispatch on it."""
@@ -142,6 +137,7 @@ class ModelConfig(_Section):
 
 
 class OptimConfig(_Section):
+    section: ClassVar[str] = "optim"
     optimizer: str = "adamw"  # a registered optimizer (training.optim)
     lr: float = Field(1e-4, gt=0)
     backbone_lr: Optional[float] = Field(None, gt=0)  # None -> lr
@@ -156,22 +152,13 @@ class OptimConfig(_Section):
     gradient_accumulation: int = Field(1, ge=1)
     gradient_clip: float = Field(0.0, ge=0)  # max grad norm; 0 = off
 
-    @field_validator("optimizer")
-    @classmethod
-    def _optimizer_known(cls, v: str) -> str:
-        return registered("optim.optimizer", v)
-
-    @field_validator("scheduler")
-    @classmethod
-    def _scheduler_known(cls, v: str) -> str:
-        return registered("optim.scheduler", v)
-
     def resolved_lrs(self) -> tuple[float, float]:
         """(backbone LR, classifier LR)."""
         return self.backbone_lr or self.lr, self.classifier_lr or self.lr
 
 
 class LossConfig(_Section):
+    section: ClassVar[str] = "loss"
     loss_type: str = "bce"  # a registered loss (training.losses); it declares its num_outputs
     focal_alpha: float = Field(0.25, ge=-1, le=1)  # torchvision convention: <0 disables weighting
     focal_gamma: float = Field(2.0, ge=0)
@@ -179,11 +166,6 @@ class LossConfig(_Section):
     # ce only: logits per image. Labels stay 0 real / 1 fake and P(fake) compares those two logits; more
     # classes only widen the head (seed 002's ArcFace head had 9: 268,288 trainable of 11,444,800).
     num_classes: int = Field(2, ge=2)
-
-    @field_validator("loss_type")
-    @classmethod
-    def _loss_known(cls, v: str) -> str:
-        return registered("loss.loss_type", v)
 
     @property
     def num_outputs(self) -> int:
@@ -193,6 +175,7 @@ class LossConfig(_Section):
 
 
 class AugConfig(_Section):
+    section: ClassVar[str] = "aug"
     use_mixup: bool = False
     mixup_alpha: float = Field(0.2, ge=0)
     cutmix_alpha: float = Field(0.0, ge=0)
@@ -207,6 +190,7 @@ class AugConfig(_Section):
 
 
 class TrainConfig(_Section):
+    section: ClassVar[str] = "train"
     num_epochs: int = Field(10, ge=1)
     freeze_strategy: str = "full"
     unfreeze_epoch: int = Field(1, ge=0)
@@ -242,11 +226,6 @@ class TrainConfig(_Section):
             return low in ("true", "yes", "on", "1")
         raise ValueError("must be true, false or auto")
 
-    @field_validator("freeze_strategy")
-    @classmethod
-    def _freeze_known(cls, v: str) -> str:
-        return registered("train.freeze_strategy", v)
-
     @field_validator("monitor")
     @classmethod
     def _monitor_is_val(cls, v: str) -> str:
@@ -256,6 +235,7 @@ class TrainConfig(_Section):
 
 
 class TrackingConfig(_Section):
+    section: ClassVar[str] = "tracking"
     enabled: bool = True
     tracking_uri: Optional[str] = None  # None -> $MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db
     experiment_name: str = "deepfake-detection"
