@@ -27,7 +27,7 @@ SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 HELP_VARS := PORT SERVE_PORT WORKERS TOP METRIC METHOD EXPERIMENT MARGIN
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-12s %s\n",$$1,$$2}' \
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-21s %s\n",$$1,$$2}' \
 	  | sed $(foreach v,$(HELP_VARS),-e 's|$$($(v))|$($(v))|g')
 
 $(STAMP): requirements.txt requirements-offline-weights.txt pyproject.toml
