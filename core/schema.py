@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from core.errors import ConfigError
+from core.errors import ConfigError, UnknownNameError
 from core.registry import FAMILIES
 
 
@@ -369,13 +369,26 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
 
 def validate(data: dict[str, Any], source: str, origins: dict[str, str] | None = None) -> Config:
     """Config from nested data; a bad value raises ConfigError naming the key and where it came from
-    (`origins[key]` when known, else `source`)."""
+    (`origins[key]` when known, else `source`). Registry names are checked first, without importing the
+    families' modules (core.registry), so a misspelt name is reported before anything heavy is imported."""
+    origins = origins or {}
+    for key, registry in FAMILIES.items():
+        section, field = key.split(".")
+        value = data.get(section, {}).get(field) if isinstance(data.get(section), dict) else None
+        if isinstance(value, str):
+            try:
+                registry.check_name(value)
+            except UnknownNameError as e:
+                raise ConfigError(_invalid(key, str(e), value, origins.get(key, source))) from None
     try:
         return Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
         msg = err["msg"].removeprefix("Value error, ")
-        got = f" (got {err['input']!r})" if "input" in err and not isinstance(err["input"], dict) else ""
-        where = (origins or {}).get(key, source)
-        raise ConfigError(f"invalid value for '{key}' from {where}: {msg}{got}") from None
+        raise ConfigError(_invalid(key, msg, err.get("input", {}), origins.get(key, source))) from None
+
+
+def _invalid(key: str, msg: str, value: Any, where: str) -> str:
+    got = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"invalid value for '{key}' from {where}: {msg}{got}"
