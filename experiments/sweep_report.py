@@ -11,11 +11,12 @@ import logging
 import math
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from core.config import Config, TrackingConfig
+
+if TYPE_CHECKING:  # annotations only: the sweep CLI reports a bad sweep file without importing pandas
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
