@@ -35,9 +35,10 @@ from pathlib import Path
 import pandas as pd
 
 from evaluation.evaluate import (
-    EvalOptions, EvaluateError, Source, add_scoring_args, attach_run, check_supported, dataset_name, is_bad_input,
-    resolve_source, score_dataset, setup_cli, tta_from_args, validation_table,
+    EvalOptions, add_scoring_args, check_supported, dataset_name, is_bad_input, score_dataset, setup_cli, tta_from_args,
+    validation_table,
 )
+from evaluation.sources import EvaluateError, Source, attach_run, resolve_source
 from core.cli import ArgumentParser
 
 log = logging.getLogger(__name__)
