@@ -142,6 +142,24 @@ def test_selection_by_experiment_and_study_skips_runs_without_predictions(tmp_pa
         candidate_runs(study="nobody")
 
 
+def test_ensemble_members_selected_by_an_extra_val_metric(tmp_path: Path) -> None:
+    """serving.ensemble --metric val_<name>_auc ranks runs by the value at their kept epoch (best_...)."""
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment(experiment_id=mlflow.create_experiment("x", artifact_location=(tmp_path / "a").as_uri()))
+    val, test = tables(40, 1), tables(40, 2, "test")
+    for name, in_domain, gan in (("a", 0.99, 0.30), ("b", 0.97, 0.80), ("c", 0.98, 0.60)):
+        with mlflow.start_run(run_name=name):
+            mlflow.log_metrics({"best_val_auc": in_domain, "best_val_gan_auc": gan})
+            for split, df in (("val", val[0]), ("test", test[0])):
+                f = tmp_path / name / f"{split}.parquet"
+                f.parent.mkdir(exist_ok=True)
+                df.to_parquet(f)
+                mlflow.log_artifact(str(f), "predictions")
+    runs = candidate_runs(experiment="x")
+    assert [m.name for m in select_members(runs, top=2, metric="val_gan_auc")] == ["b", "c"]
+    assert [m.name for m in select_members(runs, top=2, metric="val_auc")] == ["a", "c"]
+
+
 # ------------------------------------------------------------------------------------ image model
 def tiny_member(tmp: Path, seed: int, image_size: int, model_type: str = "test_efficientnet") -> Path:
     """A randomly initialised tiny detector saved as a member checkpoint."""
