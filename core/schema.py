@@ -1,9 +1,7 @@
-"""The Config's schema: its sections and fields, what each accepts, and how a bad value is reported.
-
-`Config` is typed, validated and frozen. A field that names a registry entry (core.registry.FAMILIES) is checked
-against that registry; every error names the key and where its value came from (`ConfigError`), which the CLIs
-turn into exit status 2. Resolving a Config from YAML files and overrides is core.config (compose()), which
-re-exports these names: import them from core.config.
+"""The Config's schema: sections and fields, what each accepts, and how a bad value is reported. `Config` is
+typed, validated and frozen; a field naming a registry entry (core.registry.FAMILIES) is checked against it; errors
+name the key and where its value came from (`ConfigError`: exit status 2). core.config resolves a Config from YAML
+and overrides (compose()) and re-exports these names: import them from core.config.
 """
 from __future__ import annotations
 
@@ -13,7 +11,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from core.errors import ConfigError, UnknownNameError
+from core.errors import ConfigError
 from core.registry import FAMILIES
 
 
@@ -22,6 +20,7 @@ VAL_METRICS = ("auc", "ap", "eer", "accuracy", "precision", "recall", "f1", "tpr
                "log_loss", "brier", "ece", "mce", "ace", "loss")
 EXTRA_VAL_METRICS = ("auc", "ap")  # logged per epoch for every data.extra_val set as val_<name>_<metric>
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
+_ARGUMENTS_LATER = "registry_arguments_later"  # validation context: validate() runs the families' parsers itself
 
 
 def registered(key: str, value: str) -> str:
@@ -37,9 +36,14 @@ class _Section(BaseModel):
     @field_validator("*")
     @classmethod
     def _registered_name(cls, v: Any, info: ValidationInfo) -> Any:
-        """A field that names a registry entry (FAMILIES has "<section>.<field>") must be a registered name."""
+        """A field that names a registry entry (FAMILIES has "<section>.<field>") must be a registered name; its
+        arguments ("partial:0") are checked by the family's parser unless validate() checks them afterwards."""
         key = f"{cls.section}.{info.field_name}"
-        return registered(key, v) if key in FAMILIES else v
+        if key not in FAMILIES:
+            return v
+        if (info.context or {}).get(_ARGUMENTS_LATER):
+            return FAMILIES[key].check_name(v)  # reads the names, imports nothing
+        return registered(key, v)
 
 
 class DataConfig(_Section):
@@ -368,25 +372,26 @@ def set_dotted(data: dict[str, Any], key: str, value: Any, source: str) -> None:
 
 
 def validate(data: dict[str, Any], source: str, origins: dict[str, str] | None = None) -> Config:
-    """Config from nested data; a bad value raises ConfigError naming the key and where it came from
-    (`origins[key]` when known, else `source`). Registry names are checked first, without importing the
-    families' modules (core.registry), so a misspelt name is reported before anything heavy is imported."""
+    """Config from nested data; a bad value raises ConfigError naming the key and where it came from (`origins[key]`
+    when known, else `source`). Names are read without importing the families' modules (core.registry); arguments
+    ("partial:3"), whose parser imports torch or albumentations, are checked last, so other errors come fast."""
     origins = origins or {}
-    for key, registry in FAMILIES.items():
-        section, field = key.split(".")
-        value = data.get(section, {}).get(field) if isinstance(data.get(section), dict) else None
-        if isinstance(value, str):
-            try:
-                registry.check_name(value)
-            except UnknownNameError as e:
-                raise ConfigError(_invalid(key, str(e), value, origins.get(key, source))) from None
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data, context={_ARGUMENTS_LATER: True})
     except ValidationError as e:
         err = e.errors()[0]
         key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int)) or "config"
         msg = err["msg"].removeprefix("Value error, ")
         raise ConfigError(_invalid(key, msg, err.get("input", {}), origins.get(key, source))) from None
+    for key, registry in FAMILIES.items():
+        if registry.takes_arguments:
+            section, field = key.split(".")
+            value = getattr(getattr(cfg, section), field)
+            try:
+                registry.check(value)
+            except ValueError as e:
+                raise ConfigError(_invalid(key, str(e), value, origins.get(key, source))) from None
+    return cfg
 
 
 def _invalid(key: str, msg: str, value: Any, where: str) -> str:
