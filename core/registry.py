@@ -5,11 +5,12 @@ it, sweeps and tests parametrize over it. Entries register themselves where they
 training/losses.py, a preset in models/presets.py, ...), i.e. in HIGHER layers than core. So that core
 never imports those layers at module import, each family names its entry module as a string.
 
-Listing or checking names (`names()`, `in`, `check()`) does not import the entry module when its source says
-them literally: they are read from it with `ast` (`@LOSSES.register("focal", ...)`), so a misspelt name fails
-in milliseconds, before torch or albumentations are imported. A module that registers computed names
-(models/presets.py) is imported instead. The factories (`get()`, `create()`, `meta()`, and `check()` of a
-value with arguments such as "partial:3") import the entry module on first use. Adding an entry is one
+Listing or checking names (`names()`, `in`, `check_name()`, `check()` in a family without arguments) does not
+import the entry module when its source says them literally: they are read from it with `ast`
+(`@LOSSES.register("focal", ...)`), so a misspelt name fails in milliseconds, before torch or albumentations are
+imported. A module that registers computed names (models/presets.py) is imported instead. The factories (`get()`,
+`create()`, `meta()`) and the parser of a family whose values take arguments ("partial:3", through `check()`)
+import the entry module on first use. Adding an entry is one
 decorated function or class in that module (plus its own config fields, if any).
 """
 from __future__ import annotations
