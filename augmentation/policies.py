@@ -168,12 +168,14 @@ def build_transform(
     seed: int | None = None,
     center_crop: float | None = None,
     artifact_prob: float = 0.0,
+    scale_jitter: float = 0.0,
 ) -> A.Compose:
     """[central crop] -> Resize -> policy `name` [-> artefact trace] (train only) -> Normalize -> ToTensorV2.
 
     `center_crop` keeps that central fraction of each side first (e.g. 0.5 for whole LFW photos);
     `artifact_prob` > 0 adds one up-sampling / double-JPEG / spectral trace (augmentation.artifacts) with
-    that probability after the policy, at the model's input size."""
+    that probability after the policy, at the model's input size; `scale_jitter` > 0 zooms every training image
+    by a random factor in [1 - j, 1 + j] (mirrored border) so the face's size in its crop is no cue."""
     first: TransformList = []
     if center_crop is not None and center_crop < 1:
         first = [A.CropAndPad(percent=-(1 - center_crop) / 2, keep_size=False, p=1.0)]
@@ -182,6 +184,9 @@ def build_transform(
         base, args = parse_policy(name)
         factory: Callable[..., TransformList] = POLICIES.get(base)
         middle = factory(image_size, *args)
+        if scale_jitter > 0:
+            middle.append(A.Affine(scale=(1 - scale_jitter, 1 + scale_jitter), keep_ratio=True,
+                                   border_mode=cv2.BORDER_REFLECT_101, p=1.0))
         if artifact_prob > 0:
             from augmentation.artifacts import artifact_ops
 

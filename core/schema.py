@@ -61,6 +61,9 @@ class DataConfig(_Section):
     face_crop: Literal["none", "mtcnn"] = "none"  # mtcnn: one cached MTCNN face crop per image (preprocessing.face_cache)
     face_margin: float = Field(0.3, ge=0, le=2)  # face crop square side = (1 + margin) * face box side
     face_size: int = Field(256, ge=16, le=1024)  # face crops are stored at this size, then resized to image_size
+    # shift: the crop square is moved (shrunk if bigger than the image) inside the frame; reflect: never moved or
+    # shrunk, outside parts mirrored, so a face has the same size in its crop whatever the photo's framing
+    face_border: Literal["shift", "reflect"] = "shift"
     face_cache: Optional[str] = None  # None -> $DFSWEEP_FACE_CACHE or ~/.cache/dfsweep/faces
     max_samples_per_split: Optional[int] = Field(None, ge=1)  # debug/CI: cap each split, stratified
     eval_cache_mb: int = Field(1024, ge=0)  # val/test tensors kept in memory across epochs up to this size; 0 = off
@@ -188,6 +191,9 @@ class AugConfig(_Section):
     # cache with data.face_crop=mtcnn, else an ellipse; landmarks: detect with MTCNN (cached) even without face_crop
     artifact_fake_prob: float = Field(0.0, ge=0, le=1)  # whole-image up-sampling / spectral-grid trace -> fake
     artifact_prob: float = Field(0.0, ge=0, le=1)  # label-preserving up-sampling / double-JPEG / spectral trace
+    # label-preserving random zoom of every training image by a factor in [1 - j, 1 + j] (A.Affine, mirrored
+    # border), so the face's size in the crop is no cue; 0 = off
+    scale_jitter: float = Field(0.0, ge=0, le=0.6)
 
 
 class TrainConfig(_Section):

@@ -169,7 +169,7 @@ def face_crop_table(samples: Sequence[Sample], data_cfg: DataConfig):
         return None
     from preprocessing.face_cache import FaceCropSettings, face_crops
 
-    settings = FaceCropSettings(margin=data_cfg.face_margin, size=data_cfg.face_size)
+    settings = FaceCropSettings(margin=data_cfg.face_margin, size=data_cfg.face_size, border=data_cfg.face_border)
     return face_crops([s.path for s in samples], settings, data_cfg.face_cache)
 
 
@@ -218,7 +218,8 @@ def build_loaders(index: DataIndex, cfg: Config, mean: Sequence[float], std: Seq
 
     def dataset(samples: list[Sample], train: bool, seed: int) -> ImageDataset:
         transform = build_transform(d.aug_policy if train else "none", d.image_size, mean, std, train, seed=seed,
-                                    center_crop=d.center_crop, artifact_prob=cfg.aug.artifact_prob)
+                                    center_crop=d.center_crop, artifact_prob=cfg.aug.artifact_prob,
+                                    scale_jitter=cfg.aug.scale_jitter)
         fakes = None
         if train and (cfg.aug.self_blend_prob > 0 or cfg.aug.artifact_fake_prob > 0):
             landmarks = pseudo_fake_landmarks(samples, cfg, table)

@@ -3,8 +3,11 @@
     table = face_crops(paths, FaceCropSettings(margin=0.3, size=256))   # DataFrame indexed by path
 
 Each image gets the largest face MTCNN finds (probability >= min_score); its box grown by `margin` into a
-square is shifted inside the image (a square bigger than the image shrinks to the image's shorter side:
-never padding, so no black border for a model to learn) and resized to `size` x `size`. The crop is a
+square is, with border="shift" (default), shifted inside the image (a square bigger than the image shrinks to
+the image's shorter side: never padding, so no black border for a model to learn) and resized to `size` x
+`size`. With border="reflect" the square is never moved or shrunk: the part outside the frame is mirrored
+(cv2.BORDER_REFLECT_101), so every face has the same size in its crop whatever the source's framing (a face
+filling its photo is otherwise shown bigger than a face with room around it: a data-set cue). The crop is a
 lossless PNG (no second JPEG compression on top of the data set's own). A face filling the whole frame
 (which MTCNN misses) is looked for again on a grey-padded copy. An image with no face is kept:
 its crop is a centred square whose side is the median face-square/short-side ratio of the faces found in
@@ -22,7 +25,8 @@ The table (the contract dataio.loaders, self-blending and the error gallery rely
     path (index)      the original image, as given
     crop_path         the PNG crop, size x size RGB
     width, height     the original image's size in pixels
-    x1, y1, x2, y2    the crop square in the original image's pixels (0 <= x1 < x2 <= width; x2 - x1 == y2 - y1)
+    x1, y1, x2, y2    the crop square in the original image's pixels (x2 - x1 == y2 - y1; inside the image,
+                      0 <= x1 < x2 <= width, except with border="reflect", where it may extend past the frame)
     det_score         MTCNN probability of the face kept (NaN for a fallback)
     fallback          True when no face was found (centred crop; landmarks NaN)
     lm0_x, lm0_y, ... lm4_x, lm4_y   MTCNN's 5 landmarks in CROP pixels (0..size), in MTCNN's order: eye at
@@ -43,7 +47,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageOps
 
-from preprocessing.faces import pick_face, shifted_square
+from preprocessing.faces import pick_face, shifted_square, square_box
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +68,16 @@ class FaceCropSettings:
     size: int = 256  # crop side in pixels
     min_score: float = 0.9  # MTCNN probability below which a detection is ignored
     detect_max_side: int = 640  # images are downscaled to this for detection (boxes mapped back)
+    border: str = "shift"  # shift: square moved/shrunk inside the frame; reflect: same face scale, mirrored border
+
+    def __post_init__(self) -> None:
+        if self.border not in ("shift", "reflect"):
+            raise ValueError(f"face crop border must be 'shift' or 'reflect'; got {self.border!r}")
 
     def key(self) -> str:
         doc = {**asdict(self), "version": CACHE_VERSION}
+        if self.border == "shift":  # the default leaves the key (and the crops cached before it existed) as it was
+            del doc["border"]
         return "mtcnn-" + hashlib.sha1(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -110,7 +121,11 @@ def _face_record(rgb: np.ndarray, boxes: np.ndarray, scores: np.ndarray, points:
     if k is None:
         return None
     h, w = rgb.shape[:2]
-    x1, y1, side = shifted_square(boxes[k], settings.margin, w, h)
+    if settings.border == "reflect":
+        sq = square_box(boxes[k], settings.margin)
+        x1, y1, side = int(round(sq[0])), int(round(sq[1])), max(1, int(round(sq[2] - sq[0])))
+    else:
+        x1, y1, side = shifted_square(boxes[k], settings.margin, w, h)
     lm = (points[k] - np.array([x1, y1])) * (settings.size / side)
     return {"x1": x1, "y1": y1, "x2": x1 + side, "y2": y1 + side, "det_score": float(scores[k]), "fallback": False,
             **{c: float(v) for c, v in zip(LANDMARK_COLUMNS, lm.reshape(-1))}}
@@ -126,7 +141,13 @@ def _fallback_record(w: int, h: int, ratio: float) -> dict:
 def _cut(rgb: np.ndarray, rec: dict, size: int) -> np.ndarray:
     import cv2
 
-    crop = rgb[rec["y1"]:rec["y2"], rec["x1"]:rec["x2"]]
+    h, w = rgb.shape[:2]
+    x1, y1, x2, y2 = (int(rec[k]) for k in ("x1", "y1", "x2", "y2"))
+    left, top, right, bottom = max(0, -x1), max(0, -y1), max(0, x2 - w), max(0, y2 - h)
+    if left or top or right or bottom:  # only with border="reflect": mirror what lies outside the frame
+        rgb = cv2.copyMakeBorder(rgb, top, bottom, left, right, cv2.BORDER_REFLECT_101)
+        x1, y1, x2, y2 = x1 + left, y1 + top, x2 + left, y2 + top
+    crop = rgb[y1:y2, x1:x2]
     interp = cv2.INTER_AREA if crop.shape[0] > size else cv2.INTER_CUBIC
     return cv2.resize(crop, (size, size), interpolation=interp)
 

@@ -131,12 +131,12 @@ class _Member:
         if d.face_crop == "mtcnn":  # the run's MTCNN face crop first, cut from the full-resolution image
             from preprocessing.face_cache import FaceCropper, FaceCropSettings
 
-            self.transform = FaceCropFirst(FaceCropper(FaceCropSettings(margin=d.face_margin, size=d.face_size)),
-                                           self.transform)
+            settings = FaceCropSettings(margin=d.face_margin, size=d.face_size, border=d.face_border)
+            self.transform = FaceCropFirst(FaceCropper(settings), self.transform)
             self.size = None
         # members with equal preprocessing share one decoded, transformed batch
         self.prep_key = (cfg.data.image_size, tuple(dc["mean"]), tuple(dc["std"]), cfg.data.center_crop,
-                         d.face_crop, d.face_margin, d.face_size)
+                         d.face_crop, d.face_margin, d.face_size, d.face_border)
 
     def logits(self, images: Sequence[np.ndarray]) -> np.ndarray:
         return self.logits_of(torch.stack([self.transform(image=im)["image"] for im in images]))

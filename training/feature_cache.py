@@ -69,7 +69,8 @@ def cache_blocker(cfg: Config, model: nn.Module, train_dataset: Dataset | None =
         return f"data.aug_policy={cfg.data.aug_policy} is random (use none)"
     if cfg.aug.use_mixup:
         return "aug.use_mixup mixes images"
-    pseudo = [k for k in ("self_blend_prob", "artifact_fake_prob", "artifact_prob") if getattr(cfg.aug, k) > 0]
+    pseudo = [k for k in ("self_blend_prob", "artifact_fake_prob", "artifact_prob", "scale_jitter")
+              if getattr(cfg.aug, k) > 0]
     if pseudo:
         return f"aug.{pseudo[0]} changes images (and labels) every epoch"
     if train_dataset is not None:  # what the loader really does, whichever setting built it

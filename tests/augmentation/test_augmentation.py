@@ -105,3 +105,25 @@ def test_self_blend_is_deterministic_and_local() -> None:
     diff = np.abs(a.astype(int) - img.astype(int)).sum(axis=2)
     assert diff[28:36, 28:36].mean() > diff[:4, :4].mean()  # changed in the middle, not the corners
     assert resample(img, np.random.default_rng(0)).shape == img.shape
+
+
+def _disc_area(out: torch.Tensor) -> int:
+    """Pixels of the bright disc in a normalised (3, h, w) output."""
+    return int((out[0] > 0).sum())
+
+
+def test_scale_jitter_zooms_every_image_and_is_off_by_default() -> None:
+    import cv2
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    cv2.circle(img, (32, 32), 14, (255, 255, 255), -1)  # a "face" of fixed size in the middle of the crop
+    mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    off = build_transform("none", 64, mean, std, train=True, seed=0)
+    assert len({_disc_area(off(image=img)["image"]) for _ in range(10)}) == 1
+    assert not [t for t in off.transforms if type(t).__name__ == "Affine"]
+    on = build_transform("none", 64, mean, std, train=True, seed=0, scale_jitter=0.3)
+    areas = [_disc_area(on(image=img)["image"]) for _ in range(40)]
+    base = _disc_area(off(image=img)["image"])
+    assert min(areas) < 0.8 * base and max(areas) > 1.2 * base  # zoomed out and in: (1 +- 0.3)^2 in area
+    evaluation = build_transform("none", 64, mean, std, train=False, seed=0, scale_jitter=0.3)
+    assert _disc_area(evaluation(image=img)["image"]) == base  # never at evaluation

@@ -86,6 +86,38 @@ def test_border_face_is_shifted_inside_never_padded(shared_data: Path, tmp_path:
         assert strip.max() - strip.min() > 8 and strip.sum(axis=-1).min() > 0  # no flat or black border
 
 
+def test_reflect_border_keeps_the_face_scale_of_a_tight_photo(shared_data: Path, tmp_path: Path,
+                                                              detector: CountingDetector) -> None:
+    frame = read_rgb(lfw(shared_data, "real", 1)[0])  # 250 x 250, face near the centre with room around it
+    tight = frame[75:185, 70:180]  # 110 x 110: the face fills the photo (its 0.5-margin square does not fit)
+    paths = [tmp_path / "loose.png", tmp_path / "tight.png"]
+    Image.fromarray(frame).save(paths[0])
+    Image.fromarray(tight).save(paths[1])
+
+    def eye_distance(border: str) -> list[float]:
+        table = face_crops([str(p) for p in paths], FaceCropSettings(margin=0.5, size=96, border=border),
+                           tmp_path / "cache", detector=detector)
+        return [float(np.linalg.norm(np.diff(landmarks(r)[:2], axis=0))) for _, r in table.iterrows()]
+
+    loose, shifted = eye_distance("shift")
+    assert shifted > 1.15 * loose  # shrunk to the photo: the tight photo's face looks bigger in its crop
+    loose, reflected = eye_distance("reflect")
+    assert reflected == pytest.approx(loose, rel=0.08)  # same face scale whatever the framing
+    table = face_crops([str(paths[1])], FaceCropSettings(margin=0.5, size=96, border="reflect"), tmp_path / "cache",
+                       detector=detector)
+    row = table.iloc[0]
+    assert row.x1 < 0 or row.y1 < 0 or row.x2 > row.width or row.y2 > row.height  # past the frame: mirrored there
+    crop = np.asarray(Image.open(row.crop_path)).astype(int)
+    for strip in (crop[:2], crop[-2:], crop[:, :2], crop[:, -2:]):
+        assert strip.max() - strip.min() > 8 and strip.sum(axis=-1).min() > 0  # no flat or black border
+    with pytest.raises(ValueError, match="reflect"):
+        FaceCropSettings(border="pad")
+    assert FaceCropSettings().key() != FaceCropSettings(border="reflect").key()
+    assert load_config(overrides={"data.face_border": "reflect"}).data.face_border == "reflect"
+    with pytest.raises(ConfigError, match="data.face_border"):
+        load_config(overrides={"data.face_border": "pad"})
+
+
 def test_no_face_is_kept_with_centre_crop_and_reported(tmp_path: Path, detector: CountingDetector,
                                                        caplog: pytest.LogCaptureFixture) -> None:
     y, x = np.mgrid[0:120, 0:160]

@@ -110,6 +110,7 @@ def test_random_train_transform_blocks_the_cache_whatever_the_config_says(tmp_pa
     ({"aug.use_mixup": True}, "mixup"),
     ({"aug.self_blend_prob": 0.3}, "aug.self_blend_prob changes images"),
     ({"aug.artifact_prob": 0.3}, "aug.artifact_prob changes images"),
+    ({"aug.scale_jitter": 0.2}, "aug.scale_jitter changes images"),
     ({"model.drop_path_rate": 0.2}, "random in training"),
     ({"train.freeze_strategy": "progressive"}, "trains the backbone"),
     ({"train.feature_cache": "off"}, "feature_cache=off"),
