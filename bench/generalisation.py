@@ -19,7 +19,8 @@ aug.scale_jitter=0.15, on both classes: the confounds bench/crop_stats.py measur
 training as the best-equipped variant run (robust, else face_crop_sbi, face_crop), but the epoch kept is the one
 with the best val_hardfake_vs_real_auc instead of the best val_auc (every epoch's weights are kept, so this costs
 no second training run); select_mean: the same, keeping the epoch with the best mean of the two val AUCs
-(val_mean_auc: the goal asks for both).
+(val_mean_auc: the goal asks for both); wise: WiSE-FT, robust's last weights averaged with its epoch-0
+(linear-probe) weights, the mix chosen by the mean of the two val AUCs (no training).
 MLflow runs go to <out>/mlflow.db; the table to <out>/generalisation.csv.
 """
 from __future__ import annotations
@@ -54,7 +55,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "robust": ROBUST,
     "select_extra": {},  # the last trained of robust / face_crop_sbi / face_crop / plain, epoch kept by GAN-set val AUC
     "select_mean": {},  # the same weights, epoch kept by the mean of the two val AUCs (val_mean_auc)
+    "wise": {},  # robust's weights averaged with its linear-probe (epoch 0) weights, mix chosen on the val splits
 }
+WISE_ALPHAS = (0.25, 0.5, 0.75, 1.0)  # share of the fine-tuned weights (1.0: robust's last epoch as it is)
 SELECTIONS = {"select_extra": "val_hardfake_vs_real_auc", "select_mean": "val_mean_auc"}
 SELECT_SOURCES = ("robust", "face_crop_sbi", "face_crop", "plain")
 
@@ -85,17 +88,22 @@ def keep_every_epoch(run_root: Path):
     return callback
 
 
-def test_auc(checkpoint: Path, data_dir: Path) -> tuple[float, int]:
-    """AUC of a checkpoint on the test split of a data set, split as its training config splits it."""
+def split_auc(trained, data_dir: Path, split: str = "test") -> float:
+    """AUC of a loaded model on one split of a data set, split as its training config splits it."""
     from sklearn.metrics import roc_auc_score
 
     from evaluation.scoring import scan_for, score_samples
+
+    samples = scan_for(trained, data_dir).split(split)
+    _, table = score_samples(trained, samples, batch_size=64, num_workers=0, desc=f"{data_dir.name} {split}")
+    return float(roc_auc_score(table["label"], table["score"]))
+
+
+def test_auc(checkpoint: Path, data_dir: Path) -> float:
+    """AUC of a checkpoint on the test split of a data set."""
     from models.build import load_trained_model
 
-    trained = load_trained_model(checkpoint, "cpu", use_amp=True)
-    samples = scan_for(trained, data_dir).test
-    _, table = score_samples(trained, samples, batch_size=64, num_workers=0, desc=data_dir.name)
-    return float(roc_auc_score(table["label"], table["score"])), len(table)
+    return split_auc(load_trained_model(checkpoint, "cpu", use_amp=True), data_dir)
 
 
 def run_variant(name: str, overrides: dict[str, object], run_root: Path) -> tuple[dict[str, object], Path]:
@@ -121,12 +129,39 @@ def select_on_extra(name: str, base_row: dict[str, object], run_dir: Path) -> di
     log["val_mean_auc"] = log[["val_auc", "val_hardfake_vs_real_auc"]].mean(axis=1)
     epoch = int(log[SELECTIONS[name]].idxmax())
     ckpt = run_dir / f"epoch{epoch}.pt"
-    in_domain, _ = test_auc(ckpt, TRAIN_SET)
-    gan, _ = test_auc(ckpt, GAN_SET)
+    in_domain, gan = test_auc(ckpt, TRAIN_SET), test_auc(ckpt, GAN_SET)
     return {"variant": name, "monitor": SELECTIONS[name], "best_epoch": epoch, "in_domain_auc": in_domain,
             "gan_test_auc": gan, "in_domain_val_auc": log.loc[epoch, "val_auc"],
             "gan_val_auc": log.loc[epoch, "val_hardfake_vs_real_auc"], "minutes": 0.0,
             "note": f"weights of {base_row['variant']} at epoch {epoch}"}
+
+
+def wise_ft(name: str, run_dir: Path) -> dict[str, object]:
+    """WiSE-FT (Wortsman et al. 2022): weights (1 - a) * linear-probe + a * fine-tuned, for a in WISE_ALPHAS; the a
+    kept is the one with the best mean of the in-domain and GAN-set VAL AUCs; the row reports its test AUCs.
+    The linear-probe weights are epoch 0 of a run whose backbone was frozen in epoch 0 (robust: progressive)."""
+    from core.checkpoints import load_checkpoint
+    from models.build import load_trained_model
+
+    last = max(run_dir.glob("epoch*.pt"), key=lambda p: int(p.stem[5:]))
+    lp = load_checkpoint(run_dir / "epoch0.pt")["model"]
+    trained = load_trained_model(last, "cpu", use_amp=True)
+    ft = {k: v.clone() for k, v in trained.model.state_dict().items()}
+    scores = {}
+    for alpha in WISE_ALPHAS:
+        mixed = {k: (1 - alpha) * lp[k].to(v.dtype) + alpha * v if v.is_floating_point() else v for k, v in ft.items()}
+        trained.model.load_state_dict(mixed)
+        scores[alpha] = (split_auc(trained, TRAIN_SET, "val"), split_auc(trained, GAN_SET, "val"))
+        logging.info("event=wise alpha=%.2f val_auc=%.4f val_gan_auc=%.4f", alpha, *scores[alpha])
+    alpha = max(WISE_ALPHAS, key=lambda a: sum(scores[a]))
+    trained.model.load_state_dict({k: (1 - alpha) * lp[k].to(v.dtype) + alpha * v if v.is_floating_point() else v
+                                   for k, v in ft.items()})
+    in_domain, gan = split_auc(trained, TRAIN_SET), split_auc(trained, GAN_SET)
+    return {"variant": name, "monitor": "val_mean_auc over alpha", "best_epoch": int(last.stem[5:]),
+            "in_domain_auc": in_domain, "gan_test_auc": gan, "in_domain_val_auc": scores[alpha][0],
+            "gan_val_auc": scores[alpha][1], "minutes": 0.0,
+            "note": f"alpha={alpha} of {last.name} over epoch0.pt (val AUC pairs: "
+                    + ", ".join(f"{a}: {v[0]:.3f}/{v[1]:.3f}" for a, v in scores.items()) + ")"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     base = {**base_overrides(a, out), **parse_set(a.sets)}
     rows, run_dirs = [], {}
     for name in a.variants:
-        if name in SELECTIONS:
+        if name in SELECTIONS or name == "wise":
             continue
         if not available(VARIANTS[name]):
             logging.warning("variant %s skipped: config keys %s do not exist here", name, list(VARIANTS[name]))
@@ -165,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in (n for n in a.variants if n in SELECTIONS and source is not None):
         rows.append(select_on_extra(name, next(r for r in rows if r["variant"] == source), run_dirs[source]))
         pd.DataFrame(rows).to_csv(out / "generalisation.csv", index=False)
+    if "wise" in a.variants:
+        if "robust" in run_dirs:
+            rows.append(wise_ft("wise", run_dirs["robust"]))
+            pd.DataFrame(rows).to_csv(out / "generalisation.csv", index=False)
+        else:
+            logging.warning("variant wise skipped: it mixes the robust run's weights; add robust to --variants")
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.float_format", "{:.4f}".format):
         print(table.to_string(index=False))
