@@ -23,7 +23,7 @@ MAX_MB ?= 64      # make serve: megabytes of image data per request
 SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench bench-sweep bench-cache bench-inference bench-whole-run bench-sweep-overhead clean
+.PHONY: help install test test-fast demo-data demo sweep dashboard ui evaluate crosseval ensemble promote serve serve-stop faces bench bench-sweep bench-cache bench-inference bench-whole-run bench-sweep-overhead bench-generalisation bench-crop-stats clean
 
 HELP_VARS := PORT SERVE_PORT WORKERS TOP METRIC METHOD EXPERIMENT MARGIN
 help: ## list the targets
@@ -115,6 +115,12 @@ bench-whole-run: $(STAMP) ## whole-run wall and loop img/s: train(cfg) vs bare l
 
 bench-sweep-overhead: $(STAMP) ## share of a sweep's wall spent outside the train/val loops (COMPARE=1: vs last.pt + no val cache)
 	$(PY) bench/sweep_overhead.py $(if $(COMPARE),--compare)
+
+bench-generalisation: $(STAMP) ## train on lfw_faceswap, AUC on its test split and on hardfake_vs_real per recipe (4 trainings)
+	$(PY) bench/generalisation.py --epochs 3 --image_size 128
+
+bench-crop-stats: $(STAMP) ## per-class statistics of the face crops of both shared sets, and their AUC as a fake score
+	$(PY) bench/crop_stats.py
 
 clean: ## remove outputs and generated demo data (keeps mlruns/ and .venv)
 	rm -rf outputs data/demo
