@@ -81,6 +81,8 @@ def run_study(sweep: str, label: str, n_trials: int, epochs: int | None, pruner:
     timer.wrap(amp, "time_training_steps", "AMP probe (once per model/size/strategy)")
     timer.wrap(run_io, "run_report", "evaluation report")
     timer.wrap(trainer, "atomic_save", "checkpoints")
+    timer.wrap(run_io, "atomic_save", "checkpoints")  # best.pt written once at the end (trials keep it in memory)
+    timer.wrap(run_io, "load_checkpoint", "checkpoints")  # best.pt reloaded at the end (resumable runs)
     for name in ("log_start", "log_dataset", "log_metrics", "log_artifacts", "log_model", "set_tags"):
         timer.wrap(tracking.RunTracker, name, "mlflow (train)")
     for name in ("start_trial", "end_trial", "log_trial_params"):

@@ -222,6 +222,9 @@ class TrainConfig(_Section):
     feature_cache: Literal["auto", "off"] = "auto"
     feature_cache_ram_mb: int = Field(2048, ge=0)  # larger caches are memory-mapped files in the run folder
     save_last: bool = True  # last.pt every epoch (what --resume continues from); sweeps turn it off
+    # full: the evaluation dashboard and error gallery at the end of the run; metrics: the metrics files only
+    # (sweep trials: the sweep builds the full report of its best trials; training.full_report any time later)
+    report: Literal["full", "metrics"] = "full"
 
     @field_validator("use_amp", mode="before")
     @classmethod

@@ -197,6 +197,7 @@ def evaluate_predictions(
     extra_tables: Mapping[str, pd.DataFrame] | None = None,
     title: str = "Evaluation",
     model_input: ModelInput | None = None,
+    figures: bool = True,
 ) -> EvalReport:
     """Compute every metric, threshold, calibration and figure from prediction tables; write files.
 
@@ -204,7 +205,9 @@ def evaluate_predictions(
     and the error gallery. `extra_figures` / `extra_tables` (e.g. robustness or cross-dataset
     heatmaps) are appended to the dashboard. The error gallery shows the operating point, 0.5 and the val
     threshold at `target_fpr`; `model_input(paths)` (evaluation.gallery.model_input_images) puts what the
-    model saw beside each file. Raises MetricError when validation has one class.
+    model saw beside each file. `figures=False` writes the metrics files only (metrics.json, calibration.json,
+    thresholds.csv; the same metrics), without the dashboard and the error gallery, which cost most of the
+    time. Raises MetricError when validation has one class.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -257,14 +260,6 @@ def evaluate_predictions(
         "subsets": subsets,
     }
 
-    # ---- figures and tables
-    figs = _figures(splits, groups, group_rule, scaler, thresholds, operating_point, history_df)
-    figs.update(extra_figures or {})
-
-    tables = _tables(per_split, group_details, thr_table, calib, ci, subsets, ev_name, operating_point,
-                     scaler.temperature, n_boot)
-    tables.update(extra_tables or {})
-
     # ---- files
     files = {
         "metrics_json": out_dir / "metrics.json",
@@ -273,6 +268,17 @@ def evaluate_predictions(
     }
     files["metrics_json"].write_text(json.dumps(_jsonable({"flat": flat, **details}), indent=2))
     thr_table.to_csv(files["thresholds_csv"])
+    if not figures:
+        log.info("evaluation split=%s auc=%.4f metrics only seconds=%.2f out=%s", ev_name, per_split[ev_name]["auc"],
+                 time.perf_counter() - t0, out_dir)
+        return EvalReport(flat, _jsonable(details), thresholds, scaler.temperature, operating_point, files)
+
+    # ---- figures and tables
+    figs = _figures(splits, groups, group_rule, scaler, thresholds, operating_point, history_df)
+    figs.update(extra_figures or {})
+    tables = _tables(per_split, group_details, thr_table, calib, ci, subsets, ev_name, operating_point,
+                     scaler.temperature, n_boot)
+    tables.update(extra_tables or {})
     files["dashboard_html"] = write_dashboard(out_dir / "dashboard.html", figs, tables, title,
                                               subtitle=f"evaluated split: {ev_name}; thresholds and T fitted on val",
                                               links={"Most confident errors (errors.html)": "errors.html"})

@@ -2,7 +2,7 @@
 
 A sweep file (experiments/sweeps/*.yaml)::
 
-    study:  {name, direction, metric, sampler, seed, pruner, n_trials, timeout}
+    study:  {name, direction, metric, sampler, seed, pruner, n_trials, timeout, full_reports}
     config: experiments/configs/some_preset.yaml      # optional preset, merged over default.yaml
     base:   {data: {image_size: 64}, ...}              # fixed for every trial (sections or dotted keys)
     space:
@@ -37,10 +37,12 @@ PRUNER_OPTIONS = {
     "none": set(),
 }
 # Where a trial differs from one run (the file, a preset or --set still win): no last.pt, since a killed
-# trial is retried by Optuna rather than resumed. AMP is train.use_amp=auto as for any run (fp16 on CUDA,
-# bf16 on CPU only where the probe finds it faster); a space may sweep it like any other key.
-SWEEP_DEFAULTS: dict[str, Any] = {"train.save_last": False}
-STUDY_KEYS = {"name", "direction", "metric", "sampler", "seed", "pruner", "n_trials", "timeout"}
+# trial is retried by Optuna rather than resumed (so best.pt is written once, at the trial's end), and the
+# metrics files without the dashboard and error gallery, which the sweep builds at its end for its best
+# trials (study.full_reports). AMP is train.use_amp=auto as for any run (fp16 on CUDA, bf16 on CPU only where
+# the probe finds it faster); a space may sweep it like any other key.
+SWEEP_DEFAULTS: dict[str, Any] = {"train.save_last": False, "train.report": "metrics"}
+STUDY_KEYS = {"name", "direction", "metric", "sampler", "seed", "pruner", "n_trials", "timeout", "full_reports"}
 PARAM_KEYS = {"categorical": {"choices"}, "int": {"low", "high", "step", "log"}, "float": {"low", "high", "step", "log"}}
 # Keys that change what dataio.data.scan returns: a space over them disables the per-worker scan reuse.
 SCAN_KEYS = {"data.data_dir", "data.split", "data.group_by", "data.max_samples_per_split"}
@@ -66,6 +68,7 @@ class StudySettings:
     pruner_options: dict[str, Any] = field(default_factory=dict)
     n_trials: int = 10
     timeout: float | None = None
+    full_reports: int = 1  # the best N completed trials get the full evaluation report when the sweep ends
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,8 @@ def _parse_study(raw: Any, path: Path, cli: dict[str, Any]) -> StudySettings:
         raise ConfigError(f"{path}: study.n_trials must be an integer >= 1 (got {settings.n_trials!r})")
     if settings.timeout is not None and not (_is_number(settings.timeout) and settings.timeout > 0):
         raise ConfigError(f"{path}: study.timeout must be a positive number of seconds (got {settings.timeout!r})")
+    if not isinstance(settings.full_reports, int) or isinstance(settings.full_reports, bool) or settings.full_reports < 0:
+        raise ConfigError(f"{path}: study.full_reports must be an integer >= 0 (got {settings.full_reports!r})")
     if not isinstance(settings.seed, int) or isinstance(settings.seed, bool):
         raise ConfigError(f"{path}: study.seed must be an integer (got {settings.seed!r})")
     if not isinstance(settings.name, str) or not settings.name:

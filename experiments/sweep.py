@@ -308,6 +308,12 @@ def run_sweep(
         states = {st.name.lower(): sum(t.state == st for t in ours) for st in FINISHED}
         if status == "FINISHED":
             _log_end(spec, study, ours, states, why, time.time() - t0, max_consecutive_fails)
+            if s.full_reports:  # trials keep metrics only: the dashboards of the best, once
+                t1 = time.time()
+                done = report.full_reports(report.top_trials(study.get_trials(
+                    deepcopy=False, states=(TrialState.COMPLETE,)), s.direction, k=s.full_reports), parent is not None)
+                if done:
+                    log.info("event=full_reports trials=%s seconds=%.1f", ",".join(map(str, done)), time.time() - t1)
         if parent is not None:
             best = best_trial(study)
             report.finish_parent(

@@ -143,8 +143,30 @@ def top_trials(trials: list[Any], direction: str, k: int = 5) -> list[dict[str, 
         return {"COMPLETE": 0, "PRUNED": 1}.get(t.state.name, 2), sign * v if v is not None else math.inf
 
     return [{"number": t.number, "value": t.value, "state": t.state.name, "params": t.params,
-             "run_id": t.user_attrs.get("mlflow_run_id", ""), "fail_reason": t.user_attrs.get("fail_reason", "")}
+             "run_id": t.user_attrs.get("mlflow_run_id", ""), "fail_reason": t.user_attrs.get("fail_reason", ""),
+             "output_dir": t.user_attrs.get("output_dir", "")}
             for t in sorted(trials, key=key)[:k]]
+
+
+def full_reports(rows: list[dict[str, Any]], with_mlflow: bool) -> list[int]:
+    """The full evaluation report (dashboard, error gallery) of each completed trial in `rows` (top_trials) that
+    lacks one, built from its logged predictions (trials write the metrics files only: train.report=metrics)
+    and logged to its run; returns the trial numbers reported. A failure is a warning: the study's results stand."""
+    from training.full_report import build_full_report, report_run
+
+    done = []
+    for r in rows:
+        if r["state"] != "COMPLETE" or not r["output_dir"] or (Path(r["output_dir"]) / "evaluation" / "dashboard.html").exists():
+            continue
+        try:
+            if with_mlflow and r["run_id"]:
+                report_run(r["run_id"])
+            else:
+                build_full_report(r["output_dir"])
+            done.append(r["number"])
+        except Exception as e:  # noqa: BLE001 (files or store gone): the trials and the study are already recorded
+            log.warning("event=full_report_failed trial=%d error=%r", r["number"], str(e).splitlines()[0][:200])
+    return done
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from core.checkpoints import load_checkpoint
+from core.checkpoints import atomic_save, load_checkpoint
 from core.config import Config
 from models.outputs import ScoreModel
 
@@ -69,14 +69,15 @@ def write_skipped(index, path: Path) -> None:
 
 
 def run_report(val_table: pd.DataFrame | None, test_table: pd.DataFrame | None, history: pd.DataFrame | None,
-               out_dir: Path, model_input=None) -> dict[str, float]:
+               out_dir: Path, model_input=None, full: bool = True) -> dict[str, float]:
     """The evaluation dashboard and metrics (evaluation.report); returns flat metrics for MLflow.
-    `model_input(paths)` gives the error gallery what the model saw (evaluation.gallery.model_input_images)."""
+    `model_input(paths)` gives the error gallery what the model saw (evaluation.gallery.model_input_images);
+    `full=False` (train.report=metrics) writes the metrics files only."""
     if val_table is None or val_table["label"].nunique() < 2:
         return {}
     from evaluation.report import evaluate_predictions
 
-    report = evaluate_predictions(val_table, test_table, history, out_dir, model_input=model_input)
+    report = evaluate_predictions(val_table, test_table, history, out_dir, model_input=model_input, figures=full)
     return dict(report.metrics)
 
 
@@ -84,7 +85,10 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
     """Load the best weights, score the test split, write and log everything the run keeps."""
     cfg, run_dir = trainer.cfg, trainer.run_dir
     best_path = run_dir / "best.pt"
-    if best_path.exists():
+    if trainer.best_state is not None:  # kept in memory (no train.save_last): the one write of best.pt
+        trainer.eval_model.load_state_dict(trainer.best_state["model"])
+        atomic_save(trainer.best_state, best_path)
+    elif best_path.exists():
         trainer.eval_model.load_state_dict(load_checkpoint(best_path)["model"])
     pred_dir = run_dir / "predictions"
     val_table = trainer.best_val_table
@@ -114,7 +118,7 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
 
     dc = trainer.model.data_config
     run_report(val_table, test_table, history, run_dir / "evaluation",  # everything: evaluation/metrics.json
-               partial(model_input_images, cfg, dc["mean"], dc["std"]))
+               partial(model_input_images, cfg, dc["mean"], dc["std"]), full=cfg.train.report == "full")
     # best_<m>: each validation curve at the kept (best) epoch, the monitor included (ensemble selection)
     curves = epoch_curves(trainer.best_val_metrics, cfg.train.monitor)
     at_best = {f"best_{k}": v for k, v in curves.items() if k.startswith("val_")}
@@ -131,7 +135,8 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
     if cfg.tracking.log_checkpoint and best_path.exists():
         tracker.log_artifacts(best_path, "checkpoints")
     tracker.log_model(ScoreModel(trainer.eval_model), cfg.data.image_size)
-    tracker.set_tags({"run_status": status, "run_dir": str(run_dir.resolve()), "best_epoch": str(trainer.best_epoch)})
+    tracker.set_tags({"run_status": status, "run_dir": str(run_dir.resolve()), "best_epoch": str(trainer.best_epoch),
+                      "report": cfg.train.report})
     log.info("event=run_end status=%s best_epoch=%d best_%s=%.4f %s", status, trainer.best_epoch,
              cfg.train.monitor, trainer.best_metric, " ".join(f"{k}={v:.4f}" for k, v in test_metrics.items()))
     return TrainResult(

@@ -138,6 +138,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.best_val_table: pd.DataFrame | None = None
         self.best_val_metrics: dict[str, float] = {}
+        self.best_state: dict | None = None  # the best checkpoint, in memory when the run is not resumable
         self.feature_cache = None  # training.feature_cache.FeatureCache, built when fit() starts
         self.stop = StopRequest()  # train() hands in the one its SIGTERM handler sets
 
@@ -290,6 +291,19 @@ class Trainer:
         tracker.set_tags({"feature_cache": self.feature_cache.describe()})
         return time.perf_counter() - t0
 
+    def keep_best(self, epoch: int, run_id: str | None) -> None:
+        """Keep the new best weights. A resumable run (train.save_last) writes best.pt and the val predictions
+        now: a resumed run reloads them. Otherwise (sweep trials: a killed trial is retried, not resumed) they
+        stay in memory as a CPU copy and finish_run writes best.pt once, instead of a write + fsync per
+        improving epoch and a reload at the end."""
+        best = {"model": model_state(self.eval_model), "config": self.cfg.model_dump(mode="json"), "epoch": epoch,
+                "best_metric": self.best_metric, "run_id": run_id}
+        if self.cfg.train.save_last:
+            self.best_val_table.to_parquet(self.run_dir / "predictions" / "val_best.parquet")
+            atomic_save(best, self.run_dir / "best.pt")
+        else:
+            self.best_state = best
+
     # ------------------------------------------------------------------ loop
     def fit(self, tracker, epoch_callback: Callable[[int, dict[str, float]], None] | None) -> str:
         """Run epochs from start_epoch; returns COMPLETE or EARLY_STOPPED."""
@@ -334,9 +348,7 @@ class Trainer:
             if self.improved(monitored):
                 self.best_metric, self.best_epoch, self.bad_epochs = monitored, epoch, 0
                 self.best_val_table, self.best_val_metrics = val_table, val_metrics
-                val_table.to_parquet(pred_dir / "val_best.parquet")
-                atomic_save({"model": model_state(self.eval_model), "config": self.cfg.model_dump(mode="json"),
-                             "epoch": epoch, "best_metric": monitored, "run_id": tracker.run_id}, self.run_dir / "best.pt")
+                self.keep_best(epoch, tracker.run_id)
             else:
                 self.bad_epochs += 1
             self.history.append(row)

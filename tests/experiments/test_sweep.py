@@ -5,6 +5,7 @@ end run the real train() on a tiny model and the demo data.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -72,7 +74,8 @@ def hang_one_train(cfg, *, index=None, epoch_callback=None):
 def write_sweep(tmp_path: Path, tracking: bool = False, **study) -> Path:
     doc = {
         "study": {"name": "t", "n_trials": 4, "seed": 0, "sampler": {"type": "tpe", "n_startup_trials": 3},
-                  "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0}, **study},
+                  "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 0},
+                  "full_reports": 0, **study},  # fake_train logs no predictions to build a report from
         "base": {"model": {"model_type": "test_efficientnet", "pretrained": False},
                  "data": {"image_size": 32, "num_workers": 0},
                  "train": {"num_epochs": 3, "output_dir": str(tmp_path / "out")},
@@ -490,3 +493,40 @@ def test_real_train_two_workers(tmp_path: Path, mlflow_uri: str) -> None:
     assert sorted(t.number for t in trials) == [0, 1, 2]
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.user_attrs.get("fail_reason") for t in trials]
     assert len(child_runs(res.parent_run_id, res.experiment_id)) == 3
+
+
+@pytest.mark.slow
+def test_trials_log_metrics_only_and_the_best_trial_gets_the_full_report(tmp_path: Path, mlflow_uri: str,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    """train.report=metrics in trials: metrics files + predictions; the sweep builds the best trial's dashboard
+    from what it logged; training.full_report builds any other trial's later; a trial's logged test
+    predictions reproduce its logged test AUC."""
+    import mlflow
+    from sklearn.metrics import roc_auc_score
+
+    from training import full_report
+
+    run_sweep(real_sweep_file(tmp_path, 2), storage=storage_url(tmp_path), pruner="none")
+    trials = sorted(load(tmp_path, "real").trials, key=lambda t: -t.value)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    client = mlflow.MlflowClient()
+    best, other = trials
+    for t, full in ((best, True), (other, False)):
+        run_id, out = t.user_attrs["mlflow_run_id"], Path(t.user_attrs["output_dir"])
+        logged = {a.path for a in client.list_artifacts(run_id, "evaluation")}
+        assert {"evaluation/metrics.json", "evaluation/thresholds.csv"} <= logged
+        assert ("evaluation/dashboard.html" in logged) is full and ("evaluation/errors.html" in logged) is full
+        assert (out / "evaluation" / "dashboard.html").is_file() is full
+        assert client.get_run(run_id).data.tags["report"] == ("full" if full else "metrics")
+        test = pd.read_parquet(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="predictions/test.parquet",
+                                                                   dst_path=str(tmp_path / "dl" / run_id)))
+        assert roc_auc_score(test["label"], test["score"]) == pytest.approx(client.get_run(run_id).data.metrics["test_auc"])
+    other_id, other_dir = other.user_attrs["mlflow_run_id"], Path(other.user_attrs["output_dir"])
+    before = json.loads((other_dir / "evaluation" / "metrics.json").read_text())["flat"]
+    assert full_report.main(["--run", other_id]) == 0
+    assert json.loads((other_dir / "evaluation" / "metrics.json").read_text())["flat"] == before  # same metrics
+    assert "evaluation/dashboard.html" in {a.path for a in client.list_artifacts(other_id, "evaluation")}
+    capsys.readouterr()
+    assert full_report.main(["--run", "0" * 32]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: run 000") and "not found" in err[0]

@@ -156,3 +156,29 @@ def test_frozen_offline_mobilenet_on_lfw_faceswap(tmp_path: Path, shared_data: P
     result = train(cfg)
     assert result.val_metrics["val_auc"] > 0.8, result.val_metrics
     assert result.epochs_run == 1
+
+
+def test_a_run_without_last_pt_writes_best_pt_once_with_the_best_epochs_weights(
+        tmp_path: Path, tiny_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No train.save_last (sweep trials): the best weights stay in memory and best.pt is written once, at the end,
+    holding the same weights as a resumable run's best.pt (written at each improving epoch)."""
+    import training.run_io as run_io
+    import training.trainer as trainer_module
+
+    common = {"train.num_epochs": 3, "tracking.log_model": False, "train.max_steps_per_epoch": 3,
+              "train.monitor": "val_loss", "train.monitor_mode": "min"}
+    on_disk = train(tiny_cfg(tmp_path / "a", **common))
+    writes: list[Path] = []
+    for module in (run_io, trainer_module):
+        original = module.atomic_save
+        monkeypatch.setattr(module, "atomic_save", lambda obj, path, f=original: writes.append(Path(path)) or f(obj, path))
+    in_memory = train(tiny_cfg(tmp_path / "b", **common, **{"train.save_last": False}))
+    assert [p.name for p in writes] == ["best.pt"]
+    assert not (in_memory.output_dir / "last.pt").exists()
+    assert not (in_memory.output_dir / "predictions" / "val_best.parquet").exists()
+    a, b = load_checkpoint(on_disk.output_dir / "best.pt"), load_checkpoint(in_memory.output_dir / "best.pt")
+    assert a["epoch"] == b["epoch"] == in_memory.best_epoch == on_disk.best_epoch
+    assert b["best_metric"] == in_memory.best_metric and b["run_id"] == in_memory.run_id
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert in_memory.test_metrics == on_disk.test_metrics  # the test split was scored with the best weights
