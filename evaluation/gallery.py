@@ -80,9 +80,10 @@ def thumbnail_data_uri(path: str | Path, size: int = THUMB_PX) -> str | None:
 
 
 def png_data_uri(rgb: np.ndarray) -> str:
-    """Lossless PNG data URI of a uint8 RGB array (the model input, pixel for pixel)."""
+    """Lossless PNG data URI of a uint8 RGB array (the model input, pixel for pixel). zlib level 1: 2.2x faster
+    than PIL's default 6 for ~15% more bytes (a run's report encodes up to 64 of these)."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(rgb)).save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
