@@ -177,3 +177,19 @@ def test_bad_study_or_base_is_one_config_error(tmp_path: Path, edit, words: list
 def test_set_on_a_swept_key_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="optim.lr.*--set.*also swept"):
         load_sweep(write(tmp_path, base_doc()), overrides={"optim.lr": 1e-3})
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=[p.name for p in SWEEPS])
+def test_shipped_sweep_files_sample_valid_trials(path: Path) -> None:
+    """Combinations, not just each value alone (load_sweep checks those): every param at its first value, every
+    param at its last, and 40 random trials all compose into a valid Config. Keys that exclude each other
+    (aug.artifact_prob with aug.artifact_fake_prob) need a `when:` or a trial fails."""
+    import optuna
+
+    spec = load_sweep(path)
+    ends = [{p.key: p.probe_values()[i] for p in spec.params} for i in (0, -1)]
+    for fixed in ends:
+        spec.trial_config(spec.sample(FixedTrial({k: v for k, v in fixed.items()})))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(40):
+        spec.trial_config(spec.sample(study.ask()))
