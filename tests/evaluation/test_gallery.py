@@ -90,6 +90,16 @@ def test_model_input_thumbnail_is_the_transformed_image(tmp_path: Path) -> None:
     assert file_thumb[..., 2].mean() > 80  # the file still shows its blue frame
 
 
+def test_model_inputs_of_a_run_monitoring_an_extra_set(tmp_path: Path) -> None:
+    """A run that selects on another data set (data.extra_val, train.monitor=val_mean_auc) still gets its model
+    inputs: the gallery loads none of the extra sets (a sweep's full report once lost them this way)."""
+    cfg = load_config(overrides={"data.image_size": 16, "model.model_type": "test_efficientnet", "model.pretrained": False,
+                                 "data.extra_val": [f"gan={tmp_path}"], "train.monitor": "val_mean_auc"})
+    path = tmp_path / "r0.png"
+    _framed(path, 0)
+    assert model_input_images(cfg, MEAN, STD, [str(path)])[str(path)].shape == (16, 16, 3)
+
+
 def test_report_gallery_gets_model_inputs(tmp_path: Path) -> None:
     cfg = load_config(overrides={"data.image_size": 24, "model.model_type": "test_efficientnet",
                                  "model.pretrained": False})
