@@ -271,6 +271,9 @@ def run_sweep(
     study = open_study(spec, rdb, spec.study.seed, create=True)
     experiment_id = report.configure(spec.base.tracking)
     _fail_stale(study, experiment_id is not None)
+    if experiment_id is not None:
+        for run_id in report.close_orphan_parents(spec.study.name, experiment_id):
+            log.warning("event=sweep_orphan_parent run_id=%s action=killed reason=its sweep process is gone", run_id)
     index = _scan(spec) if scan_data else None
     sweep_id = uuid.uuid4().hex[:12]
     deadline = time.time() + spec.study.timeout if spec.study.timeout else None

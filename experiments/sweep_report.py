@@ -3,12 +3,15 @@ end-of-sweep table of the best trials.
 
 Plain values in (no Optuna import here; experiments/sweep.py and experiments/study.py talk to Optuna).
 Tags: trials carry `study_name`, `trial_number`, `trial_state` (RUNNING -> COMPLETE | PRUNED | FAIL)
-and `fail_reason`; the parent carries `study_name`, `sweep_storage`, `sweep_file`, `git_commit`.
+and `fail_reason`; the parent carries `study_name`, `sweep_storage`, `sweep_file`, `git_commit`, and
+`sweep_host` / `sweep_pid` (a later sweep of the study closes a parent whose process is gone).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,7 +52,8 @@ def start_parent(study_name: str, storage: str, sweep_file: str | Path, params: 
     from core.tracking import git_commit
 
     tags = {"study_name": study_name, "sweep_storage": safe_url(storage), "sweep_file": str(sweep_file),
-            "git_commit": git_commit(), "sweep_role": "parent", **extra_tags}
+            "git_commit": git_commit(), "sweep_role": "parent", "sweep_host": socket.gethostname(),
+            "sweep_pid": str(os.getpid()), **extra_tags}
     run = mlflow.start_run(run_name=f"sweep-{study_name}", nested=mlflow.active_run() is not None, tags=tags)
     mlflow.log_params(params)
     return run.info.run_id
@@ -101,6 +105,44 @@ def close_stale(run_id: str) -> None:
             client.set_terminated(run_id, "KILLED")
     except Exception as e:  # the store may be elsewhere: the Optuna state is what counts
         log.warning("event=sweep_stale_run run_id=%s error=%r", run_id, str(e)[:200])
+
+
+def close_orphan_parents(study_name: str, experiment_id: str) -> list[str]:
+    """Parent runs of this study left RUNNING by a sweep process that is gone (kill -9, a lost machine) are
+    marked KILLED, so the UI does not show a sweep running forever; returns their run ids. Only runs started on
+    this host whose process no longer exists: a sweep on another machine, or still alive here, is left alone."""
+    from mlflow import MlflowClient
+
+    closed: list[str] = []
+    try:
+        client = MlflowClient()
+        runs = client.search_runs([experiment_id], "tags.sweep_role = 'parent' and attributes.status = 'RUNNING'",
+                                  max_results=1000)
+        for run in runs:
+            tags = run.data.tags
+            if (tags.get("study_name") != study_name or tags.get("sweep_host") != socket.gethostname()
+                    or not _process_gone(tags.get("sweep_pid"))):
+                continue
+            client.set_tag(run.info.run_id, "sweep_end", f"process {tags['sweep_pid']} gone before the sweep ended")
+            client.set_terminated(run.info.run_id, "KILLED")
+            closed.append(run.info.run_id)
+    except Exception as e:  # noqa: BLE001 (the store may be elsewhere): the Optuna study is what counts
+        log.warning("event=sweep_orphan_parents_failed error=%r", str(e)[:200])
+    return closed
+
+
+def _process_gone(pid: str | None) -> bool:
+    """True only when `pid` names no process on this host (a reused pid reads as alive: the run is kept)."""
+    try:
+        n = int(pid or "")
+        if n <= 0:  # 0 and negatives name process groups
+            return False
+        os.kill(n, 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, OverflowError, OSError):  # PermissionError: it exists, someone else's
+        return False
+    return False
 
 
 def finish_parent(status: str, counts: dict[str, int], metric: str, best: dict[str, Any] | None,

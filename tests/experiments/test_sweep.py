@@ -327,6 +327,36 @@ def test_a_killed_workers_trial_is_retried(tmp_path: Path, mlflow_uri: str) -> N
     old = mlflow.get_run(killed.user_attrs["mlflow_run_id"])
     assert old.info.status == "KILLED" and old.data.tags["trial_state"] == "FAIL"
     assert mlflow.get_run(retry.user_attrs["mlflow_run_id"]).data.tags["retry_of_trial"] == "0"
+    # the killed sweep's parent run is closed by the re-run (its process is gone); the re-run's own finished
+    parents = mlflow.search_runs(search_all_experiments=True, filter_string="tags.sweep_role = 'parent'")
+    assert sorted(parents["status"]) == ["FINISHED", "KILLED"], parents[["run_id", "status"]]
+    orphan = parents[parents["status"] == "KILLED"].iloc[0]
+    assert orphan["tags.sweep_pid"] == str(proc.pid) and "gone" in orphan["tags.sweep_end"]
+
+
+def test_orphan_parent_closed_only_when_its_process_is_gone(mlflow_uri: str) -> None:
+    """A parent run left RUNNING is closed only if it was started on this host by a process that no longer
+    exists: a live sweep (here: this process) and a sweep on another machine keep theirs."""
+    import mlflow
+
+    from experiments import sweep_report as report
+
+    exp = mlflow.set_experiment("orphans").experiment_id
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ids = {}
+    for name, pid, host in (("alive", str(os.getpid()), None), ("dead", str(dead.pid), None),
+                            ("elsewhere", str(dead.pid), "another-host"), ("other_study", str(dead.pid), None)):
+        study = "other" if name == "other_study" else "s"
+        ids[name] = report.start_parent(study, "sqlite:///x.db", "f.yaml", {}, {})
+        mlflow.set_tag("sweep_pid", pid)
+        if host:
+            mlflow.set_tag("sweep_host", host)
+        mlflow.end_run(status="RUNNING")  # left as a killed process leaves it
+    assert mlflow.get_run(ids["alive"]).info.status == "RUNNING"
+    assert report.close_orphan_parents("s", exp) == [ids["dead"]]
+    status = {k: mlflow.get_run(v).info.status for k, v in ids.items()}
+    assert status == {"alive": "RUNNING", "dead": "KILLED", "elsewhere": "RUNNING", "other_study": "RUNNING"}
 
 
 @pytest.mark.slow
