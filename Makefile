@@ -20,6 +20,7 @@ SERVE_PORT ?= 5001
 ROOTS ?=          # make serve: folders (:-separated) whose images clients may name by path; empty = bytes only
 MAX_ROWS ?= 256   # make serve: images per request
 MAX_MB ?= 64      # make serve: megabytes of image data per request
+MAX_BODY_MB ?=    # make serve: megabytes of request body, refused (413) before parsing; empty = 1.5 x MAX_MB + 1
 SERVE_URI = $${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlruns/mlflow.db}
 
 .DEFAULT_GOAL := help
@@ -85,9 +86,9 @@ promote: $(STAMP) ## register RUN=<run_id> as challenger; champion moves unless 
 
 serve: $(STAMP) ## serve the champion on 127.0.0.1:$(SERVE_PORT) in the background (ROOTS=dirs clients may name by path)
 	@mkdir -p mlruns
-	MLFLOW_TRACKING_URI=$(SERVE_URI) PATH=$(CURDIR)/.venv/bin:$$PATH DFSWEEP_DATA_ROOTS="$(strip $(ROOTS))" \
-	  DFSWEEP_MAX_REQUEST_ROWS=$(strip $(MAX_ROWS)) DFSWEEP_MAX_REQUEST_MB=$(strip $(MAX_MB)) setsid .venv/bin/mlflow models serve \
-	  -m "models:/deepfake-detector@champion" --env-manager local -h 127.0.0.1 -p $(SERVE_PORT) \
+	MLFLOW_TRACKING_URI=$(SERVE_URI) DFSWEEP_DATA_ROOTS="$(strip $(ROOTS))" DFSWEEP_MAX_BODY_MB="$(strip $(MAX_BODY_MB))" \
+	  DFSWEEP_MAX_REQUEST_ROWS=$(strip $(MAX_ROWS)) DFSWEEP_MAX_REQUEST_MB=$(strip $(MAX_MB)) setsid $(PY) -m serving.server \
+	  -m "models:/deepfake-detector@champion" -h 127.0.0.1 -p $(SERVE_PORT) \
 	  > mlruns/serve.log 2>&1 & echo $$! > mlruns/serve.pid
 	@echo "serving on http://127.0.0.1:$(SERVE_PORT)/invocations (log mlruns/serve.log); stop with: make serve-stop"
 

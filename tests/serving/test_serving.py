@@ -1,4 +1,4 @@
-"""The image model in use: request errors, arrays, the predict CLI and `mlflow models serve`."""
+"""The image model in use: request errors, arrays, the predict CLI and the HTTP server (make serve)."""
 from __future__ import annotations
 
 import base64
@@ -21,6 +21,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from serving.image_inputs import ROOTS_ENV, chunks
+from serving.server import BODY_ENV
 from serving.predict import label_from_path
 from serving.predict import main as predict_main
 from serving.pyfunc_model import ImageEnsembleModel, log_image_model, member_from_checkpoint
@@ -28,6 +29,7 @@ from evaluation.calibration import sigmoid
 from test_ensemble import demo_images, reference_probs, tiny_member
 
 NAME = "deepfake-detector"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -199,12 +201,10 @@ def test_served_champion_answers_an_image_with_a_score(tmp_path: Path) -> None:
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", mv.version)
 
     port = _free_port()
-    bin_dir = str(Path(sys.executable).parent)  # `mlflow models serve` execs `uvicorn` from PATH
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-           ROOTS_ENV: str(Path(image).parent)}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, ROOTS_ENV: str(Path(image).parent), BODY_ENV: "0.25"}
     log_file = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([str(Path(bin_dir) / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "serving.server", "-m", f"models:/{NAME}@champion",  # make serve
+                             "-h", "127.0.0.1", "-p", str(port)], cwd=REPO_ROOT,
                             env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -231,6 +231,11 @@ def test_served_champion_answers_an_image_with_a_score(tmp_path: Path) -> None:
             assert status == 400 and refused in body["message"]
             answers.add(body["message"].split("Error: ")[-1].replace(repr(refused), "<path>"))  # after MLflow's echo
         assert len(answers) == 1, answers
+        # a body over DFSWEEP_MAX_BODY_MB (0.25 MB here) is refused before MLflow reads or parses it
+        status, body = _post(f"{base}/invocations", {"dataframe_split": {"columns": ["image"], "data": [["A" * 400_000]]}})
+        assert status == 413 and "too large" in body["message"], body
+        with urllib.request.urlopen(f"{base}/ping", timeout=5) as r:  # and the server goes on
+            assert r.status == 200
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # start_new_session: pid == pgid, uvicorn workers included
         deadline = time.time() + 30
