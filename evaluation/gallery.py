@@ -17,6 +17,7 @@ import base64
 import html
 import io
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -65,7 +66,16 @@ def class_extremes(df: pd.DataFrame, k: int = 8) -> dict[tuple[int, str], pd.Dat
 
 
 def thumbnail_data_uri(path: str | Path, size: int = THUMB_PX) -> str | None:
-    """Base64 JPEG data URI of a `size`-px thumbnail, or None when the file cannot be read."""
+    """Base64 JPEG data URI of a `size`-px thumbnail, or None when the file cannot be read. A folder (a video's
+    frames, as video runs' predictions name them) shows its middle frame."""
+    if os.path.isdir(path):
+        from dataio.video_data import list_frames
+
+        frames = list_frames(path)
+        if not frames:
+            log.debug("thumbnail=failed path=%s error=no frames in the folder", path)
+            return None
+        path = frames[len(frames) // 2]
     try:
         with Image.open(path) as im:
             im.draft("RGB", (size * 2, size * 2))  # fast JPEG decode at reduced scale

@@ -13,7 +13,7 @@ import pandas as pd
 from PIL import Image
 
 from core.config import load_config
-from evaluation.gallery import build_error_gallery, model_input_images
+from evaluation.gallery import build_error_gallery, model_input_images, thumbnail_data_uri
 from evaluation.report import evaluate_predictions
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -120,3 +120,15 @@ def test_report_gallery_gets_model_inputs(tmp_path: Path) -> None:
     assert page.count('class="input fp"') == page.count('class="thumb fp"') > 0
     assert page.count('class="input fn"') == page.count('class="thumb fn"') > 0
     assert "model input 24&times;24" in page and 'id="at-val-eer"' in page and 'id="at-0-5"' in page
+
+
+def test_a_video_folder_shows_its_middle_frame(tmp_path: Path) -> None:
+    """Video runs name a folder of frames per prediction: its thumbnail is the middle frame, not 'unreadable'."""
+    video = tmp_path / "fake" / "v0"
+    video.mkdir(parents=True)
+    for i, colour in enumerate([(255, 0, 0), (0, 255, 0), (0, 0, 255)]):  # RGB: red, green, blue frames
+        Image.new("RGB", (32, 32), colour).save(video / f"{i:06d}.jpg")
+    thumb = _decode(thumbnail_data_uri(video))
+    assert thumb[..., 1].mean() > 200 and thumb[..., 0].mean() < 60 and thumb[..., 2].mean() < 60  # green: frame 1
+    (tmp_path / "empty").mkdir()
+    assert thumbnail_data_uri(tmp_path / "empty") is None
