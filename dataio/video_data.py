@@ -73,17 +73,50 @@ def list_frames(video_dir: str | Path) -> list[str]:
     return [os.path.join(video_dir, n) for n in sorted(names)]
 
 
-def find_videos(class_dir: Path) -> list[Path]:
-    """Every folder under class_dir (hidden ones excluded) that directly holds frames."""
+def _outside(link: Path, data_root: Path) -> str | None:
+    """Why a symlink under the data folder is not followed (broken, or it leaves `data_root`), else None."""
+    target = link.resolve()
+    if not target.exists():
+        return "broken symlink"
+    if not target.is_relative_to(data_root):
+        return f"symlink leaves the data root {data_root}"
+    return None
+
+
+def find_videos(class_dir: Path, data_root: Path | None = None, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
+    """Every folder under class_dir (hidden ones excluded) that directly holds frames.
+
+    As for photos (dataio.data), symlinks are followed only while they stay inside `data_root` (the resolved data
+    folder): a linked video folder or frame outside it, or a broken link, goes to `skipped` (the video with it), and
+    a link back to a folder already seen is not walked twice."""
+    data_root = data_root or class_dir.resolve()
+    skipped = skipped if skipped is not None else []
     out: list[Path] = []
-    loose = 0
-    for root, dirs, files in os.walk(class_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        has_frames = any(os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS for f in files)
-        if has_frames and Path(root) == class_dir:
+    loose, seen = 0, set()
+    for root, dirs, files in os.walk(class_dir, followlinks=True):
+        here = Path(root)
+        seen.add(here.resolve())
+        keep = []
+        for d in sorted(d for d in dirs if not d.startswith(".")):
+            sub = here / d
+            reason = _outside(sub, data_root) if sub.is_symlink() else None
+            if reason:
+                skipped.append((str(sub), reason))
+            elif sub.resolve() not in seen:
+                keep.append(d)
+        dirs[:] = keep
+        broken = {f for f in files if (here / f).is_symlink() and not (here / f).exists()}
+        skipped += [(str(here / f), "broken symlink") for f in sorted(broken) if not f.startswith(".")]
+        frames = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith(".")
+                  and f not in broken]
+        if frames and here == class_dir:
             loose += 1
-        elif has_frames:
-            out.append(Path(root))
+            continue
+        bad = next(((f, r) for f in frames if (here / f).is_symlink() and (r := _outside(here / f, data_root))), None)
+        if bad:
+            skipped.append((str(here), f"frame {bad[0]}: {bad[1]}"))
+        elif frames:
+            out.append(here)
     if loose:
         log.warning("ignoring images directly under %s: video data needs one folder of frames per video", class_dir)
     return out
@@ -99,7 +132,8 @@ def _group(video_id: str, group_by: str | None) -> str:
     return (m.group(1) if m.groups() else m.group(0)) if m else video_id
 
 
-def _scan_class_dirs(folder: Path, group_by: str | None) -> list[Sample]:
+def _scan_class_dirs(folder: Path, group_by: str | None, data_root: Path | None = None,
+                     skipped: list[tuple[str, str]] | None = None) -> list[Sample]:
     dirs = {}
     for d in sorted(p for p in folder.iterdir() if p.is_dir()):
         m = _CLASS_RE.match(d.name)
@@ -109,7 +143,7 @@ def _scan_class_dirs(folder: Path, group_by: str | None) -> list[Sample]:
     for label, name in enumerate(("real", "fake")):
         if label not in dirs:
             raise DataError(f"missing folder {folder / name}: expected DIR/{{real,fake}}/<video>/<frames>.jpg")
-        videos = find_videos(dirs[label])
+        videos = find_videos(dirs[label], data_root, skipped)
         if not videos:
             raise DataError(f"empty class: no video folders with frames under {dirs[label]}")
         for v in videos:
@@ -169,12 +203,14 @@ def scan_videos(data_cfg: Any, seed: int) -> DataIndex:
             fixed = {k: [s for s, sp in zip(samples, splits) if sp == k] for k in SPLITS}
     else:
         rel_root = root
+        real_root = root.resolve()
         subdirs = {_SPLIT_ALIASES.get(p.name.lower()): p for p in sorted(root.iterdir()) if p.is_dir()}
         if "train" in subdirs:
-            fixed = {k: _scan_class_dirs(subdirs[k], data_cfg.group_by) if k in subdirs else [] for k in SPLITS}
+            fixed = {k: _scan_class_dirs(subdirs[k], data_cfg.group_by, real_root, skipped) if k in subdirs else []
+                     for k in SPLITS}
             samples = [s for k in SPLITS for s in fixed[k]]
         else:
-            samples = _scan_class_dirs(root, data_cfg.group_by)
+            samples = _scan_class_dirs(root, data_cfg.group_by, real_root, skipped)
     good = set()
     for s in samples:
         reason = None if os.path.isdir(s.path) else "video folder not found"
