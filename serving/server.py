@@ -84,10 +84,9 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, send: Send, length: int | None) -> None:
-        mb = self.limit / 1024 / 1024
-        told = f"{length / 1024 / 1024:.1f} MB" if length is not None else "more"
-        message = (f"request body too large: {told} against a limit of {mb:.1f} MB ({BODY_ENV}); send fewer or "
-                   "smaller images per request")
+        size = f" ({length / 1024 / 1024:.1f} MB)" if length is not None else ""
+        message = (f"request body too large{size}: the limit is {self.limit / 1024 / 1024:.1f} MB ({BODY_ENV}); "
+                   "send fewer or smaller images per request")
         body = json.dumps({"error_code": "REQUEST_TOO_LARGE", "message": message}).encode()
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
