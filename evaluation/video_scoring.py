@@ -70,7 +70,11 @@ def videos_in_dir(root: str | Path) -> list[Sample]:
     root = Path(root)
     if list_frames(root):
         return [Sample(str(root), label_from_path(root), str(root))]
-    videos = find_videos(root)
+    skipped: list[tuple[str, str]] = []
+    videos = find_videos(root, skipped=skipped)
+    if skipped:
+        log.warning("skipped %d entr%s under %s: %s", len(skipped), "y" if len(skipped) == 1 else "ies", root,
+                    "; ".join(f"{p} ({r})" for p, r in skipped[:5]))
     if not videos:
         raise FileNotFoundError(f"no folders of frames under {root}")
     return [Sample(str(v), label_from_path(v), v.relative_to(root).as_posix()) for v in videos]

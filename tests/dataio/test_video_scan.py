@@ -43,3 +43,17 @@ def test_video_symlinks_stay_inside_the_data_folder(tmp_path: Path) -> None:
     assert reasons["broken"] == "broken symlink"
     assert reasons["leaky_frame"].startswith("frame 000009.jpg: symlink leaves the data root")
     assert "secret" not in found and "loop" not in reasons
+
+
+def test_scoring_a_folder_skips_outside_links_with_a_warning(tmp_path: Path, caplog) -> None:
+    from evaluation.video_scoring import videos_in_dir
+
+    root = tmp_path / "data"
+    _video(root / "real" / "a")
+    _video(root / "fake" / "b")
+    _video(tmp_path / "elsewhere" / "c")
+    os.symlink(tmp_path / "elsewhere" / "c", root / "fake" / "c")
+    with caplog.at_level("WARNING"):
+        found = videos_in_dir(root)
+    assert sorted(Path(s.path).name for s in found) == ["a", "b"]
+    assert "symlink leaves the data root" in caplog.text
