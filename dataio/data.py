@@ -117,6 +117,17 @@ def _group_key(rel: Path, group_by: str | None, pattern: re.Pattern[str] | None)
     return (m.group(1) if m and m.groups() else m.group(0)) if m else None
 
 
+def link_problem(link: Path, root: Path) -> str | None:
+    """Why a symlink under the data folder is not followed (broken, or it leaves `root`, the resolved data
+    folder), else None. Photo and video scans share this rule."""
+    target = link.resolve()
+    if not target.exists():
+        return "broken symlink"
+    if not target.is_relative_to(root):
+        return f"symlink leaves the data root {root}"
+    return None
+
+
 def _image_files(d: Path, root: Path, skipped: list[tuple[str, str]]) -> list[Path]:
     """Image files under class folder `d`; every other entry that is not a plain folder goes to `skipped`.
 
@@ -127,14 +138,9 @@ def _image_files(d: Path, root: Path, skipped: list[tuple[str, str]]) -> list[Pa
     for p in sorted(d.rglob("*")):
         if any(part.startswith(".") for part in p.relative_to(d).parts):
             continue
-        if p.is_symlink():
-            target = p.resolve()
-            if not target.exists():
-                skipped.append((str(p), "broken symlink"))
-                continue
-            if not target.is_relative_to(root):
-                skipped.append((str(p), f"symlink leaves the data root {root}"))
-                continue
+        if p.is_symlink() and (problem := link_problem(p, root)):
+            skipped.append((str(p), problem))
+            continue
         is_image = p.suffix.lower() in IMAGE_EXTENSIONS
         if p.is_dir():
             if is_image:

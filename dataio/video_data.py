@@ -32,7 +32,7 @@ from augmentation.policies import POLICIES, parse_policy, seed_transform
 from dataio.sequence import SequenceBatch
 from dataio.data import (  # the same class-folder, label and split spellings as image data
     _CLASS_RE, _LABEL_WORDS as _LABELS, _SPLIT_ALIASES, IMAGE_EXTENSIONS, SPLITS, DataError, DataIndex, Sample,
-    cap_split, csv_label_split, data_digest, split_samples,
+    cap_split, csv_label_split, data_digest, link_problem, split_samples,
 )
 from dataio.loaders import load_rgb, loaders_by_split
 
@@ -73,16 +73,6 @@ def list_frames(video_dir: str | Path) -> list[str]:
     return [os.path.join(video_dir, n) for n in sorted(names)]
 
 
-def _outside(link: Path, data_root: Path) -> str | None:
-    """Why a symlink under the data folder is not followed (broken, or it leaves `data_root`), else None."""
-    target = link.resolve()
-    if not target.exists():
-        return "broken symlink"
-    if not target.is_relative_to(data_root):
-        return f"symlink leaves the data root {data_root}"
-    return None
-
-
 def find_videos(class_dir: Path, data_root: Path | None = None, skipped: list[tuple[str, str]] | None = None) -> list[Path]:
     """Every folder under class_dir (hidden ones excluded) that directly holds frames.
 
@@ -99,7 +89,7 @@ def find_videos(class_dir: Path, data_root: Path | None = None, skipped: list[tu
         keep = []
         for d in sorted(d for d in dirs if not d.startswith(".")):
             sub = here / d
-            reason = _outside(sub, data_root) if sub.is_symlink() else None
+            reason = link_problem(sub, data_root) if sub.is_symlink() else None
             if reason:
                 skipped.append((str(sub), reason))
             elif sub.resolve() not in seen:
@@ -112,7 +102,7 @@ def find_videos(class_dir: Path, data_root: Path | None = None, skipped: list[tu
         if frames and here == class_dir:
             loose += 1
             continue
-        bad = next(((f, r) for f in frames if (here / f).is_symlink() and (r := _outside(here / f, data_root))), None)
+        bad = next(((f, r) for f in frames if (here / f).is_symlink() and (r := link_problem(here / f, data_root))), None)
         if bad:
             skipped.append((str(here), f"frame {bad[0]}: {bad[1]}"))
         elif frames:
