@@ -105,9 +105,7 @@ def model_input_images(cfg, mean: Sequence[float], std: Sequence[float], paths: 
 
     if cfg.model.is_video or not paths:
         return {}
-    # no extra sets to load, so a monitor on one of them (val_mean_auc, val_<name>_auc) would not validate
-    cfg = cfg.with_overrides({"data.num_workers": 0, "data.batch_size": 1, "data.extra_val": [],
-                              "train.monitor": "val_loss", "train.monitor_mode": "min"}, "gallery")
+    cfg = cfg.with_overrides({"data.num_workers": 0, "data.batch_size": 1}, "gallery")
     paths = list(dict.fromkeys(paths))
     dataset = build_loaders(DataIndex(train=[], val=[], test=[Sample(p, 0) for p in paths]), cfg, mean, std)[
         "test"].dataset
