@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # python serving/server.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.cli import ArgumentParser  # noqa: E402
-from core.errors import UserError  # noqa: E402
+from core.errors import UserError, error_line  # noqa: E402
 
 BODY_ENV = "DFSWEEP_MAX_BODY_MB"
 Scope = dict[str, Any]
@@ -112,14 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         limit = max_body_bytes()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
     import uvicorn
+    from mlflow.exceptions import MlflowException
 
     from core.tracking import setup_cli
 
     setup_cli()
-    uvicorn.run(build_app(a.model_uri, limit), host=a.host, port=a.port, log_level="info")
+    try:
+        app = build_app(a.model_uri, limit)
+    except (MlflowException, OSError) as e:  # no such model, alias or artifact: name it, no traceback
+        print(f"{error_line(e)} (--model_uri {a.model_uri})", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
     return 0
 
 

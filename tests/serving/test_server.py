@@ -94,3 +94,12 @@ def test_bad_limit_exits_2_with_one_line(monkeypatch: pytest.MonkeyPatch, capsys
     assert main(["-m", "models:/x@champion"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and BODY_ENV in err
+
+
+def test_unknown_model_exits_2_with_one_line(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["-m", "models:/no-such-model@champion", "-p", "1"]) == 2
+    err = capsys.readouterr().err.strip()  # MLflow may log the new store's creation first
+    last = err.splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("error:") and "no-such-model" in last
