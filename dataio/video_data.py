@@ -95,14 +95,14 @@ def find_videos(class_dir: Path, data_root: Path | None = None, skipped: list[tu
             elif sub.resolve() not in seen:
                 keep.append(d)
         dirs[:] = keep
-        broken = {f for f in files if (here / f).is_symlink() and not (here / f).exists()}
-        skipped += [(str(here / f), "broken symlink") for f in sorted(broken) if not f.startswith(".")]
+        links = {f: link_problem(here / f, data_root) for f in files if not f.startswith(".") and (here / f).is_symlink()}
+        skipped += [(str(here / f), r) for f, r in sorted(links.items()) if r == "broken symlink"]
         frames = [f for f in files if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS and not f.startswith(".")
-                  and f not in broken]
+                  and links.get(f) != "broken symlink"]
         if frames and here == class_dir:
             loose += 1
             continue
-        bad = next(((f, r) for f in frames if (here / f).is_symlink() and (r := link_problem(here / f, data_root))), None)
+        bad = next(((f, links[f]) for f in frames if links.get(f)), None)
         if bad:
             skipped.append((str(here), f"frame {bad[0]}: {bad[1]}"))
         elif frames:
