@@ -84,7 +84,7 @@ promote: $(STAMP) ## register RUN=<run_id> as challenger; champion moves unless 
 	@test -n "$(RUN)" || { echo "usage: make promote RUN=<run_id> [MARGIN=0.0] [FORCE=1]"; exit 2; }
 	$(PY) -m serving.promote --run $(RUN) --margin $(MARGIN) $(if $(FORCE),--force)
 
-serve: $(STAMP) ## serve the champion on 127.0.0.1:$(SERVE_PORT) in the background (ROOTS=dirs clients may name by path)
+serve: $(STAMP) ## serve the champion on 127.0.0.1:$(SERVE_PORT) in the background (ROOTS=dirs clients may name by path; MAX_BODY_MB=n: larger bodies get 413)
 	@mkdir -p mlruns
 	MLFLOW_TRACKING_URI=$(SERVE_URI) DFSWEEP_DATA_ROOTS="$(strip $(ROOTS))" DFSWEEP_MAX_BODY_MB="$(strip $(MAX_BODY_MB))" \
 	  DFSWEEP_MAX_REQUEST_ROWS=$(strip $(MAX_ROWS)) DFSWEEP_MAX_REQUEST_MB=$(strip $(MAX_MB)) setsid $(PY) -m serving.server \
