@@ -124,6 +124,52 @@ def choose(setting: AmpSetting, device: torch.device, probe: Callable[[], ProbeR
     return AmpChoice(faster, "bfloat16" if faster else "float32", reason)
 
 
+def convs_striding_past_their_input(model: torch.nn.Module, forward: Callable[[], object]) -> list[str]:
+    """Names of the convolutions whose input map is smaller than their stride (e.g. a stride-2 conv on a 1x1 map:
+    a CNN with total stride 32 fed under 32 px, as the LQ stream of a 32 px dual_stream run is). On CPU, torch's
+    bf16 convolution backward leaves part of such a layer's weight gradient uninitialised, so training turns
+    NaN at random (reproduced here with torch 2.14.1; fp32 is exact). `forward()` runs once, in eval mode
+    without gradients; the model's mode is restored."""
+    found: list[str] = []
+
+    def check(name: str) -> Callable:
+        def hook(module: torch.nn.Module, args: tuple) -> None:
+            x = args[0] if args else None
+            stride = module.stride if isinstance(module.stride, tuple) else (module.stride,) * 2
+            if isinstance(x, torch.Tensor) and x.dim() >= 3 and any(
+                    size < s for size, s in zip(x.shape[-len(stride):], stride)):
+                found.append(name)
+        return hook
+
+    convs = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    handles = [m.register_forward_pre_hook(check(n)) for n, m in model.named_modules() if isinstance(m, convs)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            forward()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return found
+
+
+def cpu_bf16_safe(choice: AmpChoice, device: torch.device, model: torch.nn.Module,
+                  forward: Callable[[], object]) -> AmpChoice:
+    """`choice`, or fp32 when it is bf16 on CPU and the model has convolutions striding past their input (see
+    convs_striding_past_their_input): a slower run is better than one that turns NaN at random."""
+    if not (choice.enabled and device.type == "cpu"):
+        return choice
+    bad = convs_striding_past_their_input(model, forward)
+    if not bad:
+        return choice
+    reason = (f"{choice.reason}; fp32 instead: {len(bad)} conv layer(s) get a map smaller than their stride "
+              f"(first {bad[0]}), where CPU bf16 backward gives NaN gradients; a larger input size avoids it")
+    log.warning("event=amp_bf16_unsafe layers=%d first=%s -> fp32", len(bad), bad[0])
+    return AmpChoice(False, "float32", reason)
+
+
 def inference_amp(setting: AmpSetting, device: torch.device) -> bool:
     """AMP for evaluation-only runs: true -> on; auto -> on for CUDA (no training step to probe); false -> off."""
     return setting is True or (setting == "auto" and device.type == "cuda")

@@ -150,18 +150,27 @@ class Trainer:
             dtype = {"off": "float32", "bf16": "bfloat16", "fp16": "float16"}[resumed]
             return amp.AmpChoice(resumed != "off", dtype, f"resumed run: {resumed} as when it started")
         t, d, m = self.cfg.train, self.cfg.data, self.cfg.model
-        if t.use_amp != "auto" or self.device.type != "cpu" or m.is_video:
-            return amp.choose(t.use_amp, self.device)
-        from training.freezing import apply_freeze
 
-        apply_freeze(self.model, t.freeze_strategy, 0, t.unfreeze_epoch)  # time what epoch 0 trains
-        name = f"{m.model_type}:{m.model_name or ''}:{m.head}:{m.attention_type if m.use_attention else 'noatt'}"
-        key = amp.probe_key(name, d.image_size, d.batch_size, self.channels_last, t.freeze_strategy)
-        x = torch.randn(d.batch_size, 3, d.image_size, d.image_size, generator=torch.Generator().manual_seed(0))
-        x = to_device(x, self.device, self.channels_last)
-        y = torch.zeros(d.batch_size, dtype=torch.long)
-        forward = (lambda: self.model(x, labels=y)) if self.needs_labels else (lambda: self.model(x))
-        return amp.choose("auto", self.device, lambda: amp.time_training_steps(self.model, forward), key)
+        def forward_on(x: torch.Tensor | tuple, n: int) -> Callable[[], torch.Tensor]:
+            y = torch.zeros(n, dtype=torch.long, device=self.device)
+            return (lambda: self.model(x, labels=y)) if self.needs_labels else (lambda: self.model(x))
+
+        if t.use_amp != "auto" or self.device.type != "cpu" or m.is_video:
+            choice = amp.choose(t.use_amp, self.device)
+        else:
+            from training.freezing import apply_freeze
+
+            apply_freeze(self.model, t.freeze_strategy, 0, t.unfreeze_epoch)  # time what epoch 0 trains
+            name = f"{m.model_type}:{m.model_name or ''}:{m.head}:{m.attention_type if m.use_attention else 'noatt'}"
+            key = amp.probe_key(name, d.image_size, d.batch_size, self.channels_last, t.freeze_strategy)
+            x = torch.randn(d.batch_size, 3, d.image_size, d.image_size, generator=torch.Generator().manual_seed(0))
+            forward = forward_on(to_device(x, self.device, self.channels_last), d.batch_size)
+            choice = amp.choose("auto", self.device, lambda: amp.time_training_steps(self.model, forward), key)
+        if m.is_video:  # one clip of two frames: every layer's map size, as training sees it
+            one: torch.Tensor | tuple = tuple(v.to(self.device) for v in self.model.example_input(1, 2))
+        else:
+            one = to_device(torch.zeros(1, 3, d.image_size, d.image_size), self.device, self.channels_last)
+        return amp.cpu_bf16_safe(choice, self.device, self.model, forward_on(one, 1))
 
     # ------------------------------------------------------------------ state
     @property

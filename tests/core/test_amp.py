@@ -103,3 +103,39 @@ def test_train_logs_the_auto_choice_and_why(tmp_path: Path, monkeypatch: pytest.
         assert load_checkpoint(result.output_dir / "last.pt")["amp"] == run.data.params["amp"]
     entries = json.loads((tmp_path / "cache" / "amp_probe.json").read_text())
     assert len(entries) == 1 and "32px|b8|" in next(iter(entries))
+
+
+def test_convs_striding_past_their_input_are_found_and_the_model_mode_is_kept() -> None:
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.Conv2d(8, 8, 3, stride=2, padding=1))
+    model.train()
+    # 8 px -> 2x2 after the first conv: the second (stride 2) sees a map as large as its stride, which is fine
+    assert amp.convs_striding_past_their_input(model, lambda: model(torch.zeros(1, 3, 8, 8))) == []
+    # 4 px -> 1x1: a stride-2 conv on a 1x1 map
+    assert amp.convs_striding_past_their_input(model, lambda: model(torch.zeros(1, 3, 4, 4))) == ["1"]
+    assert amp.convs_striding_past_their_input(model, lambda: model(torch.zeros(1, 3, 2, 2))) == ["0", "1"]
+    assert model.training and not model[0]._forward_pre_hooks  # mode restored, hooks removed
+
+
+def test_cpu_bf16_falls_back_to_fp32_where_a_strided_conv_sees_a_1x1_map() -> None:
+    """torch's CPU bf16 conv backward leaves such a layer's weight gradient partly uninitialised (NaN at random:
+    the dual_stream sweep on 32 px clips, whose 16 px LQ stream reaches the last stride-2 conv at 1x1)."""
+    from models.video import create_dual_stream
+
+    def tiny_model(image_size: int) -> torch.nn.Module:
+        cfg = load_config(overrides={"model.pretrained": False})
+        return create_dual_stream(cfg.model, 1, image_size=image_size, hq_backbone="test_efficientnet",
+                                  lq_backbone="test_efficientnet", lstm_channels=(8,))
+
+    bf16 = amp.choose(True, CPU)
+    for size, safe in ((32, False), (64, True)):
+        model = tiny_model(image_size=size)
+        hq, lq = model.example_input(1, 2)
+        choice = amp.cpu_bf16_safe(bf16, CPU, model, lambda: model((hq, lq)))
+        assert choice.enabled is safe and choice.dtype == ("bfloat16" if safe else "float32")
+        if not safe:
+            assert "backbone.lq.blocks.4.0.conv_dw" in choice.reason and choice.reason.startswith(bf16.reason)
+    model = tiny_model(image_size=32)
+    off = amp.choose(False, CPU)
+    assert amp.cpu_bf16_safe(off, CPU, model, no_probe) is off  # nothing to check: no forward at all
+    fp16 = amp.choose(True, CUDA)
+    assert amp.cpu_bf16_safe(fp16, CUDA, model, no_probe) is fp16  # CUDA fp16 is another kernel path

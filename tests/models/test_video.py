@@ -360,6 +360,7 @@ def test_train_unified_dual_stream_end_to_end(frame_videos: Path, tmp_path: Path
     assert val["path"].map(lambda p: Path(p).is_dir()).all()  # one row per video (a folder of frames)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'm.db'}")
     run = mlflow.get_run(result.run_id)
+    assert run.data.params["amp"] == "bf16"  # the preset's AMP; 64 px clips leave every conv map >= its stride
     model = mlflow.pyfunc.load_model(run.data.tags["model_uri"])
     out = np.asarray(model.predict(np.random.rand(2, 4, 3, 64, 64).astype(np.float32)))
     assert out.shape == (2, 1) and ((out >= 0) & (out <= 1)).all()
