@@ -7,8 +7,12 @@ Prefixes are not expanded (`--lr` never silently means `--lr_scheduler`); an unk
 from __future__ import annotations
 
 import argparse
+import atexit
 import difflib
-from typing import Any, Sequence
+import os
+import sys
+import threading
+from typing import Any, NoReturn, Sequence
 
 
 def _spellings(option: str) -> list[str]:
@@ -91,3 +95,23 @@ def _aliasing(add):
         return add(*dict.fromkeys(names), **kwargs)
 
     return _add
+
+
+def exit_now(code: int | None) -> NoReturn:
+    """End a CLI like sys.exit(code), minus the interpreter's teardown of its ~5,000 modules (torch, timm,
+    MLflow, sklearn: 1.7-2.7 s a process here, after the last file is written). Everything a normal exit does
+    for the outside world still happens, in the same order: non-daemon threads are joined, atexit handlers run
+    (logging flushed and closed, multiprocessing's children such as DataLoader workers ended, MLflow's own),
+    and stdout/stderr are flushed. Only `if __name__ == "__main__"` calls it: code that imports a CLI's main()
+    (tests, sweeps) exits the usual way."""
+    main = threading.main_thread()
+    for t in threading.enumerate():
+        if t is not main and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed or replaced streams: nothing left to flush
+            pass
+    os._exit(code or 0)

@@ -158,4 +158,6 @@ def report(result, cfg) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from core.cli import exit_now
+
+    exit_now(main())

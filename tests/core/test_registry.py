@@ -89,7 +89,9 @@ def test_a_misspelt_name_exits_2_before_anything_heavy_is_imported(tmp_path: Pat
     argv = [a.format(tmp=tmp_path) for a in argv]
     if cli.startswith("experiments"):
         argv += ["--storage", f"sqlite:///{tmp_path / 'optuna.db'}"]
-    code = ("import runpy, sys\nsys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    # the CLIs end with core.cli.exit_now (os._exit after the atexit handlers): sys.exit here, so the probe below runs
+    code = (f"import runpy, sys\nsys.path.insert(0, {str(REPO_ROOT)!r})\nimport core.cli\ncore.cli.exit_now = sys.exit\n"
+            "sys.argv = sys.argv[1:]\ntry:\n    runpy.run_path(sys.argv[0], run_name='__main__')\n"
             "except SystemExit as e:\n    print('exit', e.code)")
     proc = _heavy_after(code, str(REPO_ROOT / cli), *argv, "--set", f"tracking.tracking_uri=sqlite:///{work}/mlflow.db",
                         f"train.output_dir={work}/outputs", cwd=work)
