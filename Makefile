@@ -111,7 +111,7 @@ bench-cache: $(STAMP) ## frozen-backbone epochs with and without the feature cac
 bench-inference: $(STAMP) ## serving.predict path vs a bare channels_last forward (decoding on both sides)
 	$(PY) bench/inference.py
 
-bench-whole-run: $(STAMP) ## whole-run wall and loop img/s: train(cfg) vs bare loop vs timm train.py recipe (mobilenetv2, 160 px)
+bench-whole-run: $(STAMP) ## whole-run wall and loop img/s: the training CLI vs bare loop vs timm train.py recipe (mobilenetv2, 160 px)
 	$(PY) bench/whole_run.py
 
 bench-sweep-overhead: $(STAMP) ## share of a sweep's wall spent outside the train/val loops (COMPARE=1: vs last.pt + no val cache)

@@ -1,11 +1,15 @@
 #!/usr/bin/env python
 """Whole-run wall time and loop speed: train(cfg) vs a bare PyTorch loop vs timm's train.py loop.
 
-Each side runs in a fresh Python process, timed from process start to its result, so start-up
-(imports, model, loaders) counts:
-  ours  train(cfg) with MLflow on (an existing store, as after a user's first run): train, validate each
-        epoch, checkpoints, test split, evaluation report, artifacts (tracking.log_model off, as in sweeps)
-  bare  the same detector, loaders, AdamW and BCE loss in a 20-line loop, then one validation pass -> AUC
+Each side runs in a fresh Python process, timed from process start to process end (what a user waits
+for), so start-up (imports, model, loaders) and exit count; "to result" stops the clock when the result
+exists instead (ours: the MLflow run's end time; bare: after its AUC), leaving out the interpreter's exit:
+  ours  `python training/train_unified.py --set ...`, i.e. train(cfg) as users run it, with MLflow on (an
+        existing store, as after a user's first run): train, validate each epoch, checkpoints, test split,
+        evaluation report, artifacts (tracking.log_model off, as in sweeps); the CLI ends with
+        core.cli.exit_now (no interpreter teardown)
+  bare  the same detector, loaders, AdamW and BCE loss in a 20-line loop, then one validation pass -> AUC;
+        a plain script, so it exits the usual way
   timm  timm's train.py recipe on the same timm model, data folders, image size and batch, built from
         timm's own factories (create_dataset, create_loader, create_optimizer_v2, create_scheduler_v2) and
         its train_one_epoch/validate loop shape; timm does not ship train.py in its wheel, so this is the
@@ -32,18 +36,28 @@ SIDES = ("ours", "bare", "timm")
 
 
 # ---------------------------------------------------------------------------- the sides (child processes)
-def side_ours(a: argparse.Namespace) -> dict:
-    sys.path.insert(0, str(REPO_ROOT))
-    from core.config import load_config
-    from training.trainer import train
+def ours_argv(a: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, str(REPO_ROOT / "training" / "train_unified.py")]
+    for k, v in ours_overrides(a).items():
+        argv += ["--set", f"{k}={v}"]
+    return argv
 
-    cfg = load_config(overrides=ours_overrides(a))
-    result = train(cfg)
+
+def ours_result(a: argparse.Namespace, stdout: str) -> dict:
+    """The CLI's report lines -> loop img/s (its training_log.csv) and when the result existed (run end)."""
+    import sqlite3
+
     import pandas as pd
 
-    log = pd.read_csv(result.output_dir / "training_log.csv")
-    return {"img_s": float(log["images_per_s"].iloc[0]), "val_auc": result.best_metric,
-            "amp": str(cfg.train.use_amp)}
+    lines = stdout.splitlines()
+    status = next(line for line in lines if line.startswith("status="))
+    fields = dict(f.split("=", 1) for f in status.split())
+    out_dir = Path(next(line for line in lines if line.startswith("output_dir=")).split("=", 1)[1])
+    log = pd.read_csv(out_dir / "training_log.csv")
+    con = sqlite3.connect(Path(a.tmp) / "mlflow.db")
+    (end_ms,) = con.execute("select end_time from runs where run_uuid=?", (fields["run_id"],)).fetchone()
+    return {"img_s": float(log["images_per_s"].iloc[0]), "val_auc": float(fields["best_val_auc"]),
+            "result_at": end_ms / 1000}
 
 
 def ours_overrides(a: argparse.Namespace) -> dict:
@@ -85,7 +99,8 @@ def side_bare(a: argparse.Namespace) -> dict:
             labels.append(y)
     from sklearn.metrics import roc_auc_score
 
-    return {"img_s": img_s, "val_auc": float(roc_auc_score(torch.cat(labels), torch.cat(scores)))}
+    return {"img_s": img_s, "val_auc": float(roc_auc_score(torch.cat(labels), torch.cat(scores))),
+            "result_at": time.time()}
 
 
 def side_timm(a: argparse.Namespace) -> dict:
@@ -143,22 +158,22 @@ def side_timm(a: argparse.Namespace) -> dict:
     with torch.no_grad():
         for input, target in loaders["val"]:
             top1.update(accuracy(model(input), target, topk=(1,))[0].item(), input.size(0))
-    return {"img_s": img_s, "val_top1": top1.avg}
+    return {"img_s": img_s, "val_top1": top1.avg, "result_at": time.time()}
 
 
 # ---------------------------------------------------------------------------- the parent
 def run_side(side: str, a: argparse.Namespace) -> dict:
-    args = [sys.executable, __file__, "--side", side] + [f"--{k}={v}" for k, v in vars(a).items()
-                                                         if k not in ("side", "rounds", "no_warmup") and v is not None]
+    args = ours_argv(a) if side == "ours" else [sys.executable, __file__, "--side", side] + [
+        f"--{k}={v}" for k, v in vars(a).items() if k not in ("side", "rounds", "no_warmup") and v is not None]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "NO_ALBUMENTATIONS_UPDATE": "1", "DFSWEEP_CACHE_DIR": a.tmp,
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    t0 = time.perf_counter()
-    out = subprocess.run(args, capture_output=True, text=True, env=env)
+    started, t0 = time.time(), time.perf_counter()
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     wall = time.perf_counter() - t0
     if out.returncode:
         raise SystemExit(f"{side} failed:\n{out.stderr[-3000:]}")
-    result = json.loads(out.stdout.strip().splitlines()[-1])
-    return {**result, "wall": wall}
+    result = ours_result(a, out.stdout) if side == "ours" else json.loads(out.stdout.strip().splitlines()[-1])
+    return {**result, "wall": wall, "to_result": result.pop("result_at") - started}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,11 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timm_amp", type=int, default=0, help="timm side with bf16 autocast (train.py --amp)")
     p.add_argument("--data_dir", default=None, help="{train,val,test}/{real,fake} folders (default: the demo set)")
     p.add_argument("--tmp", default=None)
-    p.add_argument("--side", choices=SIDES)
+    p.add_argument("--side", choices=SIDES[1:])
     a = p.parse_args(argv)
     if a.side:
         a.bare_bf16 = bool(a.bare_bf16 > 0)
-        print(json.dumps({"ours": side_ours, "bare": side_bare, "timm": side_timm}[a.side](a)))
+        print(json.dumps({"bare": side_bare, "timm": side_timm}[a.side](a)))
         return 0
     if a.data_dir is None:
         sys.path.insert(0, str(REPO_ROOT))
@@ -208,10 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         order = SIDES[r % 3:] + SIDES[:r % 3]
         for side in order:
             rows[side].append(run_side(side, a))
-    med = {s: {k: statistics.median(x[k] for x in rows[s]) for k in ("wall", "img_s")} for s in SIDES}
+    med = {s: {k: statistics.median(x[k] for x in rows[s]) for k in ("wall", "img_s", "to_result")} for s in SIDES}
     for s in SIDES:
-        print(f"{s:>5}: wall {med[s]['wall']:6.1f}s  loop {med[s]['img_s']:6.1f} img/s   "
-              f"(walls {[round(x['wall'], 1) for x in rows[s]]}, img/s {[round(x['img_s'], 1) for x in rows[s]]})")
+        print(f"{s:>5}: wall {med[s]['wall']:6.1f}s  to result {med[s]['to_result']:6.1f}s  loop {med[s]['img_s']:6.1f} "
+              f"img/s   (walls {[round(x['wall'], 1) for x in rows[s]]}, img/s {[round(x['img_s'], 1) for x in rows[s]]})")
 
     def paired(key: str, other: str) -> tuple[float, list[float]]:
         """Median of the per-round ratios ours/other: the sides of one round ran back to back, so load that
@@ -221,15 +236,17 @@ def main(argv: list[str] | None = None) -> int:
 
     for label, key, other, goal in (("loop img/s  ours/bare", "img_s", "bare", ">= 1.00"),
                                     ("whole run   ours/bare", "wall", "bare", "<= 1.10"),
+                                    ("to result   ours/bare", "to_result", "bare", ""),
                                     ("loop img/s  ours/timm", "img_s", "timm", ">= 1.20"),
                                     ("whole run   ours/timm", "wall", "timm", "")):
         ratio, per_round = paired(key, other)
         of_medians = med["ours"][key] / med[other][key]
-        print(f"{label}  {ratio:.2f}x{' wall' if key == 'wall' else ''}  (median of rounds {per_round}; "
+        print(f"{label}  {ratio:.2f}x{' wall' if key != 'img_s' else ''}  (median of rounds {per_round}; "
               f"ratio of medians {of_medians:.2f}){f'  goal {goal}' if goal else ''}")
-    extra = [o["wall"] - b["wall"] for o, b in zip(rows["ours"], rows["bare"])]
-    print(f"whole run   ours-bare  {statistics.median(extra):+.1f}s a run (rounds {[round(x, 1) for x in extra]}): "
-          "what ours adds to a run of this length (MLflow, test split, report, files)")
+    for label, key in (("whole run", "wall"), ("to result", "to_result")):
+        extra = [o[key] - b[key] for o, b in zip(rows["ours"], rows["bare"])]
+        print(f"{label}   ours-bare  {statistics.median(extra):+.1f}s a run (rounds {[round(x, 1) for x in extra]})"
+              + (": what ours adds to a run of this length (MLflow, test split, report, files)" if key == "wall" else ""))
     return 0
 
 
