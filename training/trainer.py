@@ -166,11 +166,15 @@ class Trainer:
             x = torch.randn(d.batch_size, 3, d.image_size, d.image_size, generator=torch.Generator().manual_seed(0))
             forward = forward_on(to_device(x, self.device, self.channels_last), d.batch_size)
             choice = amp.choose("auto", self.device, lambda: amp.time_training_steps(self.model, forward), key)
-        if m.is_video:  # one clip of two frames: every layer's map size, as training sees it
-            one: torch.Tensor | tuple = tuple(v.to(self.device) for v in self.model.example_input(1, 2))
-        else:
-            one = to_device(torch.zeros(1, 3, d.image_size, d.image_size), self.device, self.channels_last)
-        return amp.cpu_bf16_safe(choice, self.device, self.model, forward_on(one, 1))
+
+        def one_sample_forward() -> torch.Tensor:  # the map-size check's input, built only when the check runs
+            if m.is_video:  # one clip of two frames: every layer's map size, as training sees it
+                x: torch.Tensor | tuple = tuple(v.to(self.device) for v in self.model.example_input(1, 2))
+            else:
+                x = to_device(torch.zeros(1, 3, d.image_size, d.image_size), self.device, self.channels_last)
+            return forward_on(x, 1)()
+
+        return amp.cpu_bf16_safe(choice, self.device, self.model, one_sample_forward)
 
     # ------------------------------------------------------------------ state
     @property
