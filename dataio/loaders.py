@@ -136,18 +136,26 @@ def balanced_sampler(samples: Sequence[Sample], generator: torch.Generator) -> W
                                  generator=generator)
 
 
+# An evaluation split of at most this many batches is decoded in the training process: starting a worker (a fork
+# of a process holding torch, the model and the optimizer; its first batch not overlapped) and then sharing the
+# cores with the forward pass cost more than decoding a few batches here (bench/whole_run.py: a 3-batch val or
+# test pass at 160 px took 1.5 s with one worker, 0.5 s without, on 2 cores). Train loaders keep their workers.
+EVAL_IN_PROCESS_BATCHES = 4
+
+
 def make_loader(dataset: Dataset, samples: Sequence[Sample], cfg: Config, *, train: bool, seed: int,
                 collate_fn: Callable, device_type: str = "cpu") -> DataLoader:
     """The DataLoader every split of image or clip data gets: seeded order, balanced sampler, seeded workers."""
     d = cfg.data
     gen = torch.Generator().manual_seed(seed)
     sampler = balanced_sampler(samples, gen) if train and d.balance == "sampler" else None
+    workers = d.num_workers if train or len(samples) > EVAL_IN_PROCESS_BATCHES * d.batch_size else 0
     return DataLoader(
         dataset, batch_size=d.batch_size, shuffle=train and sampler is None, sampler=sampler,
-        num_workers=d.num_workers, collate_fn=collate_fn, pin_memory=device_type == "cuda",
+        num_workers=workers, collate_fn=collate_fn, pin_memory=device_type == "cuda",
         drop_last=train and len(samples) > d.batch_size, generator=gen, worker_init_fn=seed_worker,
         # the train loader's workers restart each epoch so they pick up the epoch's seed (exact resume)
-        persistent_workers=d.num_workers > 0 and not train,
+        persistent_workers=workers > 0 and not train,
     )
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from core.config import Config, DataConfig
 from dataio.data import DataError, DataIndex, Sample, cap_split, pos_weight, scan, split_samples
-from dataio.loaders import ImageDataset, build_loaders, collate_drop_none, load_rgb
+from dataio.loaders import EVAL_IN_PROCESS_BATCHES, ImageDataset, build_loaders, collate_drop_none, load_rgb
 from augmentation.policies import build_transform
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -358,7 +358,23 @@ def test_loader_workers_seeded_and_deterministic(tmp_path: Path) -> None:
     first, second = epoch(), epoch()
     assert len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second))
     assert build_loaders(index, cfg, MEAN, STD, device_type="cuda")["train"].pin_memory
-    assert build_loaders(index, cfg, MEAN, STD)["val"].persistent_workers
+    assert build_loaders(index, cfg, MEAN, STD)["train"].num_workers == 2
+
+
+def test_eval_splits_of_a_few_batches_decode_in_process_larger_ones_keep_their_workers(tmp_path: Path) -> None:
+    """Starting a worker costs more than decoding a few batches (dataio.loaders.EVAL_IN_PROCESS_BATCHES); an
+    evaluation split over that keeps its workers, persistent across epochs; train loaders always keep theirs."""
+    _flat(tmp_path, 30, 30)
+    index = scan(DataConfig(data_dir=str(tmp_path)), seed=0)
+    small = build_loaders(index, _cfg(tmp_path, num_workers=2), MEAN, STD)
+    assert len(index.val) <= EVAL_IN_PROCESS_BATCHES * 8
+    assert small["val"].num_workers == 0 and not small["val"].persistent_workers
+    assert small["train"].num_workers == 2
+    large = build_loaders(index, _cfg(tmp_path, num_workers=2, batch_size=1), MEAN, STD)  # more batches than that
+    assert len(index.val) > EVAL_IN_PROCESS_BATCHES
+    assert large["val"].num_workers == 2 and large["val"].persistent_workers
+    decoded = [torch.cat([b[0] for b in loaders["val"]]) for loaders in (small, large)]
+    assert torch.equal(*decoded)  # the same tensors either way
 
 
 def test_balanced_sampler_draws_classes_equally(tmp_path: Path) -> None:
