@@ -6,8 +6,8 @@ for), so start-up (imports, model, loaders) and exit count; "to result" stops th
 exists instead (ours: the MLflow run's end time; bare: after its AUC), leaving out the interpreter's exit:
   ours  `python training/train_unified.py --set ...`, i.e. train(cfg) as users run it, with MLflow on (an
         existing store, as after a user's first run): train, validate each epoch, checkpoints, test split,
-        evaluation report, artifacts (tracking.log_model off, as in sweeps); the CLI ends with
-        core.cli.exit_now (no interpreter teardown)
+        evaluation report, artifacts (tracking.log_model off, as in sweeps); MLflow runs in the CLI's helper
+        process (core.mlflow_backend); the CLI ends with core.cli.exit_now (no interpreter teardown)
   bare  the same detector, loaders, AdamW and BCE loss in a 20-line loop, then one validation pass -> AUC;
         a plain script, so it exits the usual way
   timm  timm's train.py recipe on the same timm model, data folders, image size and batch, built from

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,49 +13,23 @@ import numpy as np
 import pandas as pd
 import torch
 
+from core import mlflow_backend
 from core.config import REPO_ROOT, Config, TrackingConfig
 
 log = logging.getLogger(__name__)
-DEFAULT_STORE = REPO_ROOT / "mlruns"
+DEFAULT_STORE = mlflow_backend.DEFAULT_STORE
+artifact_root_for = mlflow_backend.artifact_root_for
+log_dataset_input = mlflow_backend.log_dataset_input
 
 
 def resolve_tracking_uri(tcfg: TrackingConfig) -> str:
     """Config value, else $MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlruns/mlflow.db."""
-    if tcfg.tracking_uri:
-        return tcfg.tracking_uri
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    DEFAULT_STORE.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{DEFAULT_STORE / 'mlflow.db'}"
-
-
-def artifact_root_for(uri: str) -> Path:
-    """Artifacts live beside a sqlite store (…/mlruns/artifacts), never under the process's CWD."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri.removeprefix("sqlite:///")).resolve().parent / "artifacts"
-    return DEFAULT_STORE / "artifacts"
+    return mlflow_backend.resolve_tracking_uri(tcfg.tracking_uri)
 
 
 def configure_mlflow(tcfg: TrackingConfig) -> str:
     """Set the tracking URI and experiment (created with an explicit artifact_location); return its id."""
-    import mlflow
-
-    uri = resolve_tracking_uri(tcfg)
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.get_experiment_by_name(tcfg.experiment_name)
-    if exp is None:
-        location = artifact_root_for(uri) / tcfg.experiment_name
-        try:
-            eid = mlflow.create_experiment(tcfg.experiment_name, artifact_location=location.as_uri())
-        except Exception:  # created meanwhile by another worker
-            exp = mlflow.get_experiment_by_name(tcfg.experiment_name)
-            if exp is None:
-                raise
-            eid = exp.experiment_id
-    else:
-        eid = exp.experiment_id
-    mlflow.set_experiment(experiment_id=eid)
-    return eid
+    return mlflow_backend.configure_experiment(resolve_tracking_uri(tcfg), tcfg.experiment_name)
 
 
 _WARMING: dict[str, threading.Thread] = {}
@@ -64,16 +37,18 @@ _WARMING: dict[str, threading.Thread] = {}
 
 def warm_up(tcfg: TrackingConfig) -> None:
     """Import MLflow and open its tracking store (SQLAlchemy models, migrations check) in a background thread,
-    so the 2-5 s this takes overlaps the data scan and the model and loader build; RunTracker waits for it."""
+    so the 2-5 s this takes overlaps the data scan and the model and loader build; RunTracker waits for it.
+    Nothing to do when the training CLI already started a helper process for the store
+    (core.mlflow_backend.start_helper), or MLflow's store is already loaded."""
     if not tcfg.enabled or "mlflow.store.tracking.sqlalchemy_store" in sys.modules:
         return
     uri = resolve_tracking_uri(tcfg)
+    if mlflow_backend.has_helper(uri):
+        return
 
     def work() -> None:
         try:
-            import mlflow
-
-            mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(tcfg.experiment_name)
+            mlflow_backend.Backend(uri).warm(tcfg.experiment_name)
         except Exception as e:  # the run's own start reports any real problem with the store
             log.debug("event=mlflow_warm_up_failed error=%r", e)
 
@@ -151,20 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def log_dataset_input(table: pd.DataFrame, source: str, name: str, digest: str, context: str) -> None:
-    """Log a (path, label) table as the active run's dataset input (float labels: no integer-schema hint)."""
-    import mlflow
-
-    with warnings.catch_warnings():  # a local path matches two registered LocalArtifactDatasetSource classes
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        ds = mlflow.data.from_pandas(table.astype({"label": "float64"}), source=source, name=name, targets="label",
-                                     digest=digest)
-    mlflow.log_input(ds, context=context)
-
-
 class RunTracker:
     """Context manager around one MLflow run. Reuses an active run (sweep trials), resumes a run id,
-    or starts a new run. A no-op when tracking is disabled."""
+    or starts a new run. The calls go to the training CLI's helper process when it started one for this store
+    (core.mlflow_backend), else to MLflow in this process. A no-op when tracking is disabled."""
 
     def __init__(self, cfg: Config, resume_run_id: str | None = None) -> None:
         self.cfg = cfg
@@ -173,78 +138,78 @@ class RunTracker:
         self.owns_run = False
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.uri = resolve_tracking_uri(cfg.tracking) if self.enabled else ""
+        self.helper: mlflow_backend.Helper | None = None
+        self.backend: mlflow_backend.Backend | None = None
+
+    def _call(self, name: str, *args: Any) -> Any:
+        if self.helper is not None:
+            return self.helper.call(name, *args)
+        return getattr(self.backend, name)(*args)
 
     def __enter__(self) -> "RunTracker":
         if not self.enabled:
             return self
-        wait_warm_up(self.cfg.tracking)
-        import mlflow
-
-        active = mlflow.active_run()
-        if active is not None:
-            self.run_id, self.experiment_id = active.info.run_id, active.info.experiment_id
-            return self
-        self.experiment_id = configure_mlflow(self.cfg.tracking)
-        if self.resume_run_id:
-            run = mlflow.start_run(run_id=self.resume_run_id, log_system_metrics=self.cfg.tracking.system_metrics)
-        else:
-            run = mlflow.start_run(run_name=self.cfg.tracking.run_name, log_system_metrics=self.cfg.tracking.system_metrics)
-        self.owns_run = True
-        self.run_id = run.info.run_id
+        self.helper = mlflow_backend.take_helper(self.uri)
+        if self.helper is None:
+            wait_warm_up(self.cfg.tracking)
+            self.backend = mlflow_backend.Backend(self.uri)
+        t = self.cfg.tracking
+        try:
+            self.run_id, self.experiment_id, self.owns_run = self._call(
+                "start", t.experiment_name, t.run_name, self.resume_run_id, t.system_metrics)
+        except BaseException:
+            self._close_helper()
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if not (self.enabled and self.owns_run):
+        if not self.enabled:
             return
-        import mlflow
+        try:
+            if self.owns_run:
+                if exc_type is None:
+                    status = "FINISHED"
+                elif issubclass(exc_type, KeyboardInterrupt) or exc_type.__name__ == "TrialPruned":
+                    status = "KILLED"
+                else:
+                    status = "FAILED"
+                self._call("end", status)
+        finally:
+            self._close_helper()
 
-        if exc_type is None:
-            status = "FINISHED"
-        elif issubclass(exc_type, KeyboardInterrupt) or exc_type.__name__ == "TrialPruned":
-            status = "KILLED"
-        else:
-            status = "FAILED"
-        mlflow.end_run(status=status)
+    def _close_helper(self) -> None:
+        if self.helper is not None:
+            self.helper.close()
+            self.helper = None
 
     # ------------------------------------------------------------------ logging
     def log_start(self, tags: dict[str, str], params_extra: dict[str, Any] | None = None) -> None:
         if not self.enabled:
             return
-        import mlflow
-
         params = {k: ("" if v is None else str(v)) for k, v in self.cfg.flat().items()}
         params.update({k: str(v) for k, v in (params_extra or {}).items()})
-        existing = mlflow.get_run(self.run_id).data.params
-        mlflow.log_params({k: v for k, v in params.items() if k not in existing})
-        mlflow.set_tags({**tags, **self.cfg.tracking.tags, "git_commit": git_commit()})
+        self._call("log_params", self.run_id, params)
+        self._call("set_tags", {**tags, **self.cfg.tracking.tags, "git_commit": git_commit()})
 
     def log_dataset(self, table: pd.DataFrame, source: str, name: str, digest: str) -> None:
         if not self.enabled:
             return
-        log_dataset_input(table, source, name, digest, context="training")
+        self._call("log_input", table, source, name, digest, "training")
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
             return
-        import mlflow
-
         finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and np.isfinite(v)}
-        mlflow.log_metrics(finite, step=step)
+        self._call("log_metrics", finite, step)
 
     def set_tags(self, tags: dict[str, str]) -> None:
         if self.enabled:
-            import mlflow
-
-            mlflow.set_tags(tags)
+            self._call("set_tags", tags)
 
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
         if self.enabled and folder.exists():
-            import mlflow
-
-            if folder.is_dir():
-                mlflow.log_artifacts(str(folder), artifact_path)
-            else:
-                mlflow.log_artifact(str(folder), artifact_path)
+            self._call("log_artifacts", str(folder), artifact_path)
 
     def log_model(self, scorer: torch.nn.Module, image_size: int, name: str = "model") -> str | None:
         """Log a scorer (models.outputs.ScoreModel: input -> P(fake) (N,1)) in eval mode, CPU, fp32, as a pt2
@@ -256,6 +221,9 @@ class RunTracker:
         import mlflow
         from mlflow.models import infer_signature
 
+        if self.helper is not None:  # the run lives in the helper process: log into it by id from here
+            mlflow.set_tracking_uri(self.uri)
+            mlflow.set_experiment(experiment_id=self.experiment_id)
         model = scorer.to("cpu", memory_format=torch.contiguous_format).float().eval()
         shape = (2, 3, image_size, image_size)
         if self.cfg.model.kind == "video":
@@ -266,15 +234,16 @@ class RunTracker:
         sig = infer_signature(x, y)
         reqs = [f"torch=={torch.__version__.split('+')[0]}", "numpy"]
         try:
-            info = mlflow.pytorch.log_model(model, name=name, signature=sig, input_example=x, pip_requirements=reqs)
+            info = mlflow.pytorch.log_model(model, name=name, signature=sig, input_example=x, pip_requirements=reqs,
+                                            run_id=self.run_id)
         except Exception as e:  # torch.export can refuse some architectures: fall back to pickle + code
             log.warning("event=model_export_fallback reason=%r", str(e).splitlines()[0][:200])
             info = mlflow.pytorch.log_model(
                 model, name=name, signature=sig, input_example=x, pip_requirements=reqs,
-                serialization_format="pickle",
+                serialization_format="pickle", run_id=self.run_id,
                 code_paths=[str(REPO_ROOT / p) for p in ("core", "dataio", "models")],
             )
-        mlflow.set_tag("model_uri", info.model_uri)
+        self.set_tags({"model_uri": info.model_uri})
         return info.model_uri
 
 

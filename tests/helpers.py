@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import torch
@@ -29,3 +30,16 @@ def subset_csv(root: Path, out: Path, per_class: int) -> Path:
             for p in sorted((root / cls).glob("*.jpg"))[:per_class]:
                 w.writerow([str(p), cls])
     return out
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie is gone, only not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

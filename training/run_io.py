@@ -44,6 +44,7 @@ class TrainResult:
     val_metrics: dict[str, float] = field(default_factory=dict)
     test_metrics: dict[str, float] = field(default_factory=dict)
     output_dir: Path = Path(".")
+    experiment_id: str | None = None
 
 
 def start_tags(cfg: Config, index) -> dict[str, str]:
@@ -142,7 +143,7 @@ def finish_run(trainer: "Trainer", tracker: "RunTracker", status: str) -> "Train
     return TrainResult(
         run_id=tracker.run_id, status=status, best_metric=float(trainer.best_metric), best_epoch=trainer.best_epoch,
         epochs_run=len(trainer.history), val_metrics=dict(trainer.best_val_metrics), test_metrics=test_metrics,
-        output_dir=run_dir,
+        output_dir=run_dir, experiment_id=tracker.experiment_id,
     )
 
 

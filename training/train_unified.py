@@ -128,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
 
             print_summary(evaluate_config(cfg))
             return 0
+        if cfg.tracking.enabled and not cfg.train.resume:
+            from core.mlflow_backend import start_helper
+
+            # MLflow's import and store open run in a helper process from here, beside the imports of torch
+            # and timm below (core.mlflow_backend); a resumed run's store comes from its checkpoint
+            start_helper(cfg.tracking.tracking_uri, cfg.tracking.experiment_name)
         from training.trainer import train
 
         result = train(cfg)
@@ -137,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:  # bad input (config, names, data, checkpoint, offline weights): one line, exit 2
         print(error_line(e), file=sys.stderr)
         return 2
+    finally:
+        from core.mlflow_backend import close_helpers
+
+        close_helpers()  # one the run did not take: it failed before its MLflow run began
     report(result, cfg)
     return 0
 
@@ -149,11 +159,8 @@ def report(result, cfg) -> None:
     if result.test_metrics:
         lines.append(" ".join(f"{k}={v:.4f}" for k, v in sorted(result.test_metrics.items())))
     lines.append(f"output_dir={result.output_dir}")
-    if result.run_id:
-        import mlflow
-
-        run = mlflow.get_run(result.run_id)
-        lines.append(f"mlflow: make ui, then {ui_link(run.info.experiment_id, result.run_id)}")
+    if result.run_id and result.experiment_id:
+        lines.append(f"mlflow: make ui, then {ui_link(result.experiment_id, result.run_id)}")
     print("\n".join(lines))
 
 

@@ -12,6 +12,7 @@ import mlflow
 import pytest
 
 from core.config import REPO_ROOT
+from helpers import alive
 
 SCRIPT = textwrap.dedent("""
     import atexit, multiprocessing, sys, threading, time
@@ -36,15 +37,6 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is gone, only not yet reaped
-        return f.read().split(")")[1].split()[0] != "Z"
-
-
 def test_exit_now_does_what_a_normal_exit_does_for_the_outside_world(tmp_path: Path) -> None:
     script, marker, child_pid = tmp_path / "cli.py", tmp_path / "marker", tmp_path / "child.pid"
     script.write_text(SCRIPT)
@@ -53,7 +45,7 @@ def test_exit_now_does_what_a_normal_exit_does_for_the_outside_world(tmp_path: P
     assert proc.returncode == 3, proc.stderr
     assert proc.stdout == "buffered atexit ran\n"
     assert marker.read_text() == "thread finished"
-    assert not _alive(int(child_pid.read_text()))
+    assert not alive(int(child_pid.read_text()))
 
 
 @pytest.mark.slow  # ~20 s: a whole CLI run with two loader workers
@@ -75,8 +67,20 @@ def test_training_cli_exits_with_its_run_finished_and_no_workers_left(tmp_path: 
     mlflow.set_tracking_uri(sets["tracking.tracking_uri"])
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["run_status"] == "COMPLETE"
+    # tracked through the CLI's MLflow helper process, with the CLI's own run context
+    assert run.data.tags["mlflow.source.name"].endswith("train_unified.py") and "git_commit" in run.data.tags
     run_dir = Path(run.data.tags["run_dir"])
     assert (run_dir / "best.pt").stat().st_size > 0 and (run_dir / "evaluation" / "metrics.json").exists()
     # nothing of the run outlives it: its process group (the CLI and its loader workers) is empty
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)
+    # nor its MLflow helper process, which runs in a session of its own (core.mlflow_backend)
+    store = str(tmp_path / "mlflow.db").encode()
+    assert not [p for p in Path("/proc").glob("[0-9]*") if _cmdline_has(p, store) and alive(int(p.name))]
+
+
+def _cmdline_has(proc_dir: Path, needle: bytes) -> bool:
+    try:
+        return needle in (proc_dir / "cmdline").read_bytes()
+    except OSError:  # ended meanwhile
+        return False
