@@ -210,7 +210,7 @@ class Trainer:
     # ------------------------------------------------------------------ epoch
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         from training.freezing import set_train_mode
-        from dataio.loaders import reseed_epoch
+        from dataio.loaders import reseed_epoch, trim_heap
         from training.losses import mix_batch
 
         cfg, accum = self.cfg, self.cfg.optim.gradient_accumulation
@@ -222,6 +222,8 @@ class Trainer:
         loader = self.feature_cache.batches["train"] if cached else self.loaders["train"]
         net = self.model.forward_cached if cached else self.model  # cached: frozen backbone features in, logits out
         reseed_epoch(loader, epoch_seed)
+        if getattr(loader, "num_workers", 0):  # workers are forked below: give freed memory back first
+            trim_heap()
         self.model.train()
         set_train_mode(self.model)
         self.optimizer.zero_grad(set_to_none=True)
