@@ -91,6 +91,9 @@ class Backend:
 
         mlflow.MlflowClient(tracking_uri=self.uri).get_experiment_by_name(experiment_name)
 
+    def ping(self) -> None:
+        """Nothing: the helper answers it once warm (serve() warms up before taking calls)."""
+
     def start(self, experiment_name: str, run_name: str | None, resume_run_id: str | None,
               system_metrics: bool) -> tuple[str, str, bool]:
         """(run id, experiment id, whether this backend owns the run)."""
@@ -216,6 +219,13 @@ def close_helpers() -> None:
     """Stop helpers no run took (the run failed before it started, or resumed into another store)."""
     while _HELPERS:
         _HELPERS.popitem()[1].close()
+
+
+def wait_ready(uri: str) -> None:
+    """Return once the helper for this store (if any) has finished warming up."""
+    helper = _HELPERS.get(uri)
+    if helper is not None:
+        helper.call("ping")
 
 
 def has_helper(uri: str) -> bool:

@@ -63,6 +63,14 @@ def wait_warm_up(tcfg: TrackingConfig) -> None:
         thread.join()
 
 
+def wait_background(tcfg: TrackingConfig) -> None:
+    """Wait until MLflow's warm-up (thread or helper process) is done: its import, and on a new store the schema's
+    creation, take seconds of CPU, which would skew a timing taken meanwhile (the AMP probe)."""
+    if tcfg.enabled:
+        wait_warm_up(tcfg)
+        mlflow_backend.wait_ready(resolve_tracking_uri(tcfg))
+
+
 def setup_cli(tracking_uri: str | None = None) -> None:
     """What every MLflow-facing CLI does first: key=value logging, no artifact progress bars, the store."""
     import mlflow

@@ -165,7 +165,14 @@ class Trainer:
             key = amp.probe_key(name, d.image_size, d.batch_size, self.channels_last, t.freeze_strategy)
             x = torch.randn(d.batch_size, 3, d.image_size, d.image_size, generator=torch.Generator().manual_seed(0))
             forward = forward_on(to_device(x, self.device, self.channels_last), d.batch_size)
-            choice = amp.choose("auto", self.device, lambda: amp.time_training_steps(self.model, forward), key)
+
+            def probe() -> "amp.ProbeResult":
+                from core.tracking import wait_background
+
+                wait_background(self.cfg.tracking)  # MLflow's warm-up (a new store's schema) would skew the timing
+                return amp.time_training_steps(self.model, forward)
+
+            choice = amp.choose("auto", self.device, probe, key)
 
         def one_sample_forward() -> torch.Tensor:  # the map-size check's input, built only when the check runs
             if m.is_video:  # one clip of two frames: every layer's map size, as training sees it

@@ -132,3 +132,15 @@ def test_the_cli_stops_its_helper_when_the_run_fails_before_it_starts(
     assert rc == 2 and capsys.readouterr().err.strip()
     (helper,) = started
     assert helper.proc.returncode == 0 and not mlflow_backend._HELPERS
+
+
+def test_wait_ready_returns_once_the_helper_has_warmed_up_and_leaves_it_to_the_run(tmp_path: Path) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_backend.start_helper(uri, "ready")
+    try:
+        mlflow_backend.wait_ready(uri)  # the store exists by now: warm() created it before the helper answered
+        assert (tmp_path / "mlflow.db").stat().st_size > 0
+        assert mlflow_backend.has_helper(uri)
+    finally:
+        mlflow_backend.close_helpers()
+    assert not mlflow_backend.has_helper(uri)
