@@ -5,6 +5,7 @@ checkpoint sees the same batches; the trainer reseeds the train loader's streams
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -125,23 +126,24 @@ def trim_heap() -> bool:
     workers, and the process's next writes there fault page by page. After a run's AMP probe the first epoch
     trained at 38-40 img/s instead of 44-50 (mobilenetv2, 160 px, 2 cores, one worker; bench/whole_run.py's
     set-up); with this, 45-47."""
-    global _LIBC
-    if _LIBC is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim this way
-            _LIBC = False
-    if not _LIBC:
+    libc = _glibc()
+    if libc is None:
         return False
-    _LIBC.malloc_trim(0)
+    libc.malloc_trim(0)
     return True
 
 
-_LIBC = None
+@functools.cache
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim this way
+        return None
 
 
 def reseed_epoch(loader: DataLoader, epoch_seed: int) -> None:

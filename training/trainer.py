@@ -403,7 +403,7 @@ def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, f
     from core.tracking import RunTracker, warm_up
 
     # MLflow's import and store open run in a thread while the data is scanned and the model and loaders are
-    # built. timm is imported first: both imports are Python, so run side by side they only take turns at the
+    # built (library callers; the training CLI's helper process has done them already, core.mlflow_backend). timm is imported first: both imports are Python, so run side by side they only take turns at the
     # GIL, and the switching made runs ~0.6 s slower (bench/whole_run.py, paired runs); after it, the thread
     # overlaps the scan's file I/O and the model's weight init instead.
     import timm  # noqa: F401
