@@ -5,6 +5,7 @@ checkpoint sees the same batches; the trainer reseeds the train loader's streams
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -12,7 +13,7 @@ import random
 import signal
 from dataclasses import replace
 from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -110,12 +111,27 @@ def seed_worker(worker_id: int) -> None:
     multiprocessing's terminate()) ends the worker. torch's worker loop already leaves SIGINT to the main process.
     """
     signal.signal(signal.SIGTERM, _worker_sigterm)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # forked with it blocked: see sigterm_blocked
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
     info = torch.utils.data.get_worker_info()
     if info is not None and getattr(info.dataset, "transform", None) is not None:  # image or clip datasets
         seed_transform(info.dataset.transform, seed)
+
+
+@contextlib.contextmanager
+def sigterm_blocked() -> Iterator[None]:
+    """Hold SIGTERM back while a loader forks its workers (wrap the loader's iter()). A stop sent to the process
+    group in that window would kill a worker before seed_worker installs its handler (the run then fails with
+    a worker traceback instead of stopping KILLED), or reach the main process before the worker exists, so the
+    worker later takes multiprocessing's terminate() for the group's SIGTERM and ignores it. Workers inherit the
+    blocked mask and unblock it once their handler is in place; a SIGTERM held meanwhile arrives then."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
 def trim_heap() -> bool:

@@ -16,7 +16,7 @@ from PIL import Image
 from core.config import Config, DataConfig
 from dataio.data import DataError, DataIndex, Sample, cap_split, pos_weight, scan, split_samples
 from dataio.loaders import (EVAL_IN_PROCESS_BATCHES, ImageDataset, build_loaders, collate_drop_none, load_rgb,
-                            trim_heap)
+                            sigterm_blocked, trim_heap)
 from augmentation.policies import build_transform
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -377,6 +377,29 @@ def test_eval_splits_of_a_few_batches_decode_in_process_larger_ones_keep_their_w
     assert large["val"].num_workers == 2 and large["val"].persistent_workers
     decoded = [torch.cat([b[0] for b in loaders["val"]]) for loaders in (small, large)]
     assert torch.equal(*decoded)  # the same tensors either way
+
+
+def test_a_group_sigterm_while_workers_start_is_held_until_their_handler_is_in_place(tmp_path: Path) -> None:
+    """`kill -- -PGID` just as an epoch forks its workers: the workers do not die of it (a worker traceback and
+    a FAILED run) and the main process still gets it (the run stops KILLED)."""
+    import signal
+
+    _flat(tmp_path, 12, 12)
+    index = scan(DataConfig(data_dir=str(tmp_path)), seed=0)
+    loader = build_loaders(index, _cfg(tmp_path, num_workers=2), MEAN, STD)["train"]
+    got: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with sigterm_blocked():
+            batches = iter(loader)  # the workers are forked here, before their worker_init_fn runs
+            for w in batches._workers:
+                os.kill(w.pid, signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert got == []
+        assert got == [signal.SIGTERM]  # delivered once unblocked
+        assert sum(len(b[1]) for b in batches) == len(loader.dataset) // 8 * 8  # every worker lived
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_trim_heap_gives_freed_memory_back_before_workers_fork() -> None:
