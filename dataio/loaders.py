@@ -134,6 +134,17 @@ def sigterm_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
 
 
+def loader_iter(loader) -> Iterator:
+    """iter(loader), with SIGTERM held (sigterm_blocked) while a loader whose workers unblock it (seed_worker)
+    forks them: every dataio loader, train or eval, at each fork (train: each epoch; persistent eval workers:
+    their first pass). Other iterables and loaders are iterated as they are: a worker forked with SIGTERM
+    blocked and no seed_worker to unblock it would ignore multiprocessing's terminate()."""
+    if getattr(loader, "num_workers", 0) and getattr(loader, "worker_init_fn", None) is seed_worker:
+        with sigterm_blocked():
+            return iter(loader)
+    return iter(loader)
+
+
 def trim_heap() -> bool:
     """Return the heap's freed memory to the OS (glibc's malloc_trim); False where there is no glibc.
 

@@ -73,7 +73,12 @@ def predict(
             torch.manual_seed(seed)
             stack.enter_context(mc_dropout_mode(model))
             head_only = head_only_dropout(model)
-        for images, labels, indices in tqdm(loader, desc=desc, leave=False, disable=None):
+        batches = loader
+        if getattr(loader, "num_workers", 0):  # a DataLoader forking workers: hold SIGTERM while it does
+            from dataio.loaders import loader_iter
+
+            batches = loader_iter(loader)
+        for images, labels, indices in tqdm(batches, total=_length(loader), desc=desc, leave=False, disable=None):
             if len(images) == 0:
                 continue
             x = to_device(images, device, channels_last)
@@ -99,6 +104,13 @@ def predict(
         indices=torch.cat(idx_all).numpy(), loss=loss_sum / n if loss_fn is not None else float("nan"),
         score_std=torch.cat(std_all).numpy() if std_all else None,
     )
+
+
+def _length(loader: Iterable) -> int | None:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def predictions_table(preds: Predictions, samples: list) -> pd.DataFrame:

@@ -169,14 +169,16 @@ def compute_features(model: nn.Module, loader: DataLoader, device: torch.device,
     """Run `model.frozen_features` once over `loader`'s dataset (in its order-free index space).
 
     The caller sets the model's train/eval state to the one the uncached path would use."""
+    from dataio.loaders import loader_iter
+
     dataset = loader.dataset
     n = len(dataset)
     once = DataLoader(dataset, batch_size=loader.batch_size, shuffle=False, num_workers=loader.num_workers,
-                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, worker_init_fn=loader.worker_init_fn)
     features: torch.Tensor | None = None
     path = None
     labels, valid = torch.zeros(n, dtype=torch.float32), torch.zeros(n, dtype=torch.bool)
-    for images, y, idx in once:
+    for images, y, idx in loader_iter(once):
         if len(images) == 0:
             continue
         with amp():

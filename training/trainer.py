@@ -217,7 +217,7 @@ class Trainer:
     # ------------------------------------------------------------------ epoch
     def train_one_epoch(self, epoch: int) -> dict[str, float]:
         from training.freezing import set_train_mode
-        from dataio.loaders import reseed_epoch, sigterm_blocked, trim_heap
+        from dataio.loaders import loader_iter, reseed_epoch, trim_heap
         from training.losses import mix_batch
 
         cfg, accum = self.cfg, self.cfg.optim.gradient_accumulation
@@ -236,8 +236,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum, seen, t0 = torch.zeros((), device=self.device), 0, time.perf_counter()
         n = self.batches_per_epoch
-        with sigterm_blocked():  # islice calls iter(loader): the workers are forked here
-            batches = itertools.islice(loader, n)
+        batches = itertools.islice(loader_iter(loader), n)  # the workers are forked here
         bar = tqdm(batches, total=n, desc=f"epoch {epoch + 1}/{cfg.train.num_epochs}", leave=False, disable=None,
                    mininterval=0.5)
         shown = -math.inf  # when the bar's loss was last refreshed (reading it syncs the device)

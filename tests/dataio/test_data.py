@@ -16,7 +16,7 @@ from PIL import Image
 from core.config import Config, DataConfig
 from dataio.data import DataError, DataIndex, Sample, cap_split, pos_weight, scan, split_samples
 from dataio.loaders import (EVAL_IN_PROCESS_BATCHES, ImageDataset, build_loaders, collate_drop_none, load_rgb,
-                            sigterm_blocked, trim_heap)
+                            loader_iter, trim_heap)
 from augmentation.policies import build_transform
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -379,27 +379,107 @@ def test_eval_splits_of_a_few_batches_decode_in_process_larger_ones_keep_their_w
     assert torch.equal(*decoded)  # the same tensors either way
 
 
-def test_a_group_sigterm_while_workers_start_is_held_until_their_handler_is_in_place(tmp_path: Path) -> None:
+class _SigtermAtFork:
+    """While armed, the next process this one forks gets SIGTERM as its first act (os.register_at_fork), before a
+    DataLoader worker's worker_init_fn can run, and so does this process: a group `kill -- -PGID` landing in
+    the fork window, made certain. This process's signals are recorded, not acted on."""
+
+    armed = False
+    registered = False
+
+    def __init__(self) -> None:
+        import signal
+
+        if not _SigtermAtFork.registered:  # a fork hook cannot be unregistered: registered once, armed per test
+            os.register_at_fork(after_in_child=_SigtermAtFork._child, after_in_parent=_SigtermAtFork._disarm)
+            _SigtermAtFork.registered = True
+        self.got: list[int] = []
+        self.signal = signal
+
+    @staticmethod
+    def _disarm() -> None:  # one fork per arming: no stop arrives after the test has put its handler back
+        _SigtermAtFork.armed = False
+
+    @staticmethod
+    def _child() -> None:
+        if _SigtermAtFork.armed:
+            import signal
+
+            # The inherited Python handler would only queue it; torch's worker soon installs a C one that, like
+            # the default, ends the worker: the window a real stop must not land in.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getppid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __enter__(self) -> "_SigtermAtFork":
+        self.previous = self.signal.signal(self.signal.SIGTERM, lambda signum, frame: self.got.append(signum))
+        _SigtermAtFork.armed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _SigtermAtFork.armed = False
+        self.signal.signal(self.signal.SIGTERM, self.previous)
+
+    def handled(self, timeout: float = 2.0) -> bool:
+        """Whether this process got the stop (a signal another thread took is handled a moment later)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return bool(self.got)
+
+
+class _SigtermMask(torch.utils.data.Dataset):
+    """Each item: whether SIGTERM is blocked in the worker that decodes it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> bool:
+        import signal
+
+        return signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+def test_a_group_sigterm_while_train_workers_start_is_held_until_their_handler_is_in_place(tmp_path: Path) -> None:
     """`kill -- -PGID` just as an epoch forks its workers: the workers do not die of it (a worker traceback and
     a FAILED run) and the main process still gets it (the run stops KILLED)."""
-    import signal
-
     _flat(tmp_path, 12, 12)
     index = scan(DataConfig(data_dir=str(tmp_path)), seed=0)
     loader = build_loaders(index, _cfg(tmp_path, num_workers=2), MEAN, STD)["train"]
-    got: list[int] = []
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
-    try:
-        with sigterm_blocked():
-            batches = iter(loader)  # the workers are forked here, before their worker_init_fn runs
-            for w in batches._workers:
-                os.kill(w.pid, signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
-            assert got == []
-        assert got == [signal.SIGTERM]  # delivered once unblocked
-        assert sum(len(b[1]) for b in batches) == len(loader.dataset) // 8 * 8  # every worker lived
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with _SigtermAtFork() as stop:
+        assert sum(len(b[1]) for b in loader_iter(loader)) == len(loader.dataset) // 8 * 8  # every worker lived
+        assert stop.handled()
+    with _SigtermAtFork(), pytest.raises(RuntimeError, match="DataLoader worker"):
+        list(loader)  # what the hold prevents: the worker dies of the stop before its handler is in place
+
+
+def test_evaluation_and_feature_passes_hold_a_group_sigterm_while_their_workers_start(tmp_path: Path) -> None:
+    """A val split of more than EVAL_IN_PROCESS_BATCHES batches keeps workers, forked at its first pass, and the
+    frozen-feature cache forks its own: a `kill -- -PGID` then must not kill a worker either. Loaders whose
+    workers do not unblock SIGTERM (no seed_worker) are iterated as they are, or their workers would ignore
+    multiprocessing's terminate()."""
+    import contextlib
+
+    from evaluation.inference import predict
+    from training.feature_cache import compute_features
+
+    _flat(tmp_path, 20, 20)
+    index = scan(DataConfig(data_dir=str(tmp_path)), seed=0)
+    val = build_loaders(index, _cfg(tmp_path, num_workers=2, batch_size=1), MEAN, STD)["val"]
+    assert val.num_workers == 2
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1))
+    with _SigtermAtFork() as stop:
+        preds = predict(model, val, torch.device("cpu"))
+        assert len(preds.labels) == len(index.val) and stop.handled()  # the workers lived to decode every image
+    model.frozen_features = lambda x: x.mean(dim=(2, 3))
+    with _SigtermAtFork() as stop:
+        store = compute_features(model, val, torch.device("cpu"), channels_last=False, amp=contextlib.nullcontext,
+                                 ram_bytes=2**20, file=tmp_path / "features.bin")
+        assert bool(store.valid.all()) and stop.handled()
+    plain = torch.utils.data.DataLoader(_SigtermMask(), batch_size=1, num_workers=1)
+    assert [bool(b) for b in loader_iter(plain)] == [False, False]
 
 
 def test_trim_heap_gives_freed_memory_back_before_workers_fork() -> None:
