@@ -199,8 +199,10 @@ class Trainer:
         }
 
     def load_state(self, ckpt: dict) -> None:
+        from training.optim import load_optimizer_state
+
         self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(self.optimizer, ckpt["optimizer"])
         self.schedule.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         if self.ema is not None and ckpt.get("ema") is not None:
