@@ -4,7 +4,7 @@
 Rounds alternate trainer and bare so drift on a shared machine hits both. Prints images/s of each
 and the ratio (target >= 0.97), for fp32 and for bf16 autocast + channels_last.
 
-    python bench/trainer_vs_bare.py [--model_type efficientnet_lite0] [--steps 30] [--rounds 3]
+    python bench/trainer_vs_bare.py [--model_type efficientnet_lite0] [--steps 30] [--rounds 3] [--precision fp32]
 """
 from __future__ import annotations
 
@@ -57,13 +57,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--data_dir", default=None, help="default: the demo set")
+    ap.add_argument("--precision", choices=("both", "fp32", "bf16"), default="both",
+                    help="fp32, bf16 autocast + channels_last, or both rows")
     args = ap.parse_args()
     logging.basicConfig(level=logging.ERROR)
     tmp = Path(tempfile.mkdtemp(prefix="dfsweep-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp / 'mlflow.db'}"
     print(f"model={args.model_type} image_size={args.image_size} batch={args.batch_size} steps={args.steps} "
           f"rounds={args.rounds} threads={torch.get_num_threads()}")
-    for label, amp, cl in (("fp32", False, False), ("bf16+channels_last", True, True)):
+    rows = (("fp32", False, False), ("bf16+channels_last", True, True))
+    for label, amp, cl in (r for r in rows if args.precision in ("both", r[0][:4])):
         cfg = load_config(overrides={
             "model.model_type": args.model_type, "model.pretrained": False, "model.channels_last": cl,
             "data.data_dir": args.data_dir, "data.image_size": args.image_size, "data.batch_size": args.batch_size,
