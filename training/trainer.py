@@ -332,9 +332,12 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, tracker, epoch_callback: Callable[[int, dict[str, float]], None] | None) -> str:
         """Run epochs from start_epoch; returns COMPLETE or EARLY_STOPPED."""
+        from dataio.loaders import retained_heap
+
         self.stop.defer = True
         try:
-            status = self._fit(tracker, epoch_callback)
+            with retained_heap():  # no page faults for each step's activations (glibc)
+                status = self._fit(tracker, epoch_callback)
             self.stop.check()  # a stop during the last epoch's validation: still KILLED, resumable
             return status
         finally:

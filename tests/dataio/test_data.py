@@ -16,7 +16,7 @@ from PIL import Image
 from core.config import Config, DataConfig
 from dataio.data import DataError, DataIndex, Sample, cap_split, pos_weight, scan, split_samples
 from dataio.loaders import (EVAL_IN_PROCESS_BATCHES, ImageDataset, build_loaders, collate_drop_none, load_rgb,
-                            loader_iter, trim_heap)
+                            loader_iter, retained_heap, trim_heap)
 from augmentation.policies import build_transform
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -497,6 +497,32 @@ def test_trim_heap_gives_freed_memory_back_before_workers_fork() -> None:
     assert resident() > before - 50 * 2**20
     trim_heap()
     assert resident() < before - 100 * 2**20
+
+
+def test_retained_heap_keeps_a_steps_big_blocks_paged_in_and_gives_glibc_its_defaults_back() -> None:
+    """A training step allocates its activations (blocks over glibc's 32 MiB mmap threshold), frees them and
+    allocates them again. Inside retained_heap() (train(cfg)'s epochs) the next step reuses pages already
+    faulted in; outside, glibc maps fresh zeroed pages each time, as it does again after leaving."""
+    import resource
+
+    size = 48 * 2**20
+
+    def faults_of_a_step() -> int:
+        torch.ones(size // 4)  # a step before: every page written, then freed at once
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        torch.ones(size // 4)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+    outside = faults_of_a_step()
+    if outside < size // os.sysconf("SC_PAGE_SIZE") // 2:
+        pytest.skip(f"{outside} page faults for 48 MiB: huge pages or another allocator, nothing to measure")
+    with retained_heap() as kept:
+        if not kept:
+            pytest.skip("no glibc mallopt here")
+        inside = faults_of_a_step()
+    after = faults_of_a_step()
+    assert inside * 10 < outside, (inside, outside)
+    assert after * 2 > outside, (after, outside)
 
 
 def test_balanced_sampler_draws_classes_equally(tmp_path: Path) -> None:

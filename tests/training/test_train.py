@@ -28,7 +28,25 @@ def test_two_epoch_demo_run_lands_in_mlflow(tmp_path: Path, monkeypatch: pytest.
 
     bars: list[tuple[object, io.StringIO]] = []
 
+    import contextlib
+
+    import dataio.loaders as loaders_module
+
+    heap: list[bool] = []  # True while train(cfg) runs in dataio.loaders.retained_heap()
+    real_retained = loaders_module.retained_heap
+
+    @contextlib.contextmanager
+    def recorded_heap():
+        with real_retained() as kept:
+            heap.append(True)
+            yield kept
+            heap.append(False)
+
+    monkeypatch.setattr(loaders_module, "retained_heap", recorded_heap)
+    epochs_in_kept_heap: list[bool] = []
+
     def shown_tqdm(*args, **kwargs):  # the epoch bar as a terminal would show it, refreshed every step
+        epochs_in_kept_heap.append(heap[-1:] == [True])
         out = io.StringIO()
         bar = real_tqdm(*args, **{**kwargs, "disable": False, "file": out, "mininterval": 0})
         bars.append((bar, out))
@@ -58,6 +76,7 @@ def test_two_epoch_demo_run_lands_in_mlflow(tmp_path: Path, monkeypatch: pytest.
                              "test_loss"}, model_metrics
     assert run.data.tags["best_epoch"] == str(result.best_epoch)
     assert [bar.desc for bar, _ in bars] == ["epoch 1/2", "epoch 2/2"]  # "/N", counted from 1
+    assert epochs_in_kept_heap == [True, True] and heap == [True, False]  # no per-step page faults, then back
     frames = bars[0][1].getvalue().split("\r")
     losses = {m.group(1) for f in frames if (m := re.search(r"loss=(\d\.\d{4})", f))}
     assert len(losses) >= 2  # the running loss moves within the epoch (4 steps), not every 20 steps
