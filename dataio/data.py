@@ -128,6 +128,15 @@ def link_problem(link: Path, root: Path) -> str | None:
     return None
 
 
+def skipped_hint(skipped: list[tuple[str, str]]) -> str:
+    """'; N entries skipped, e.g. PATH: REASON' for an empty-class error, so a folder of links out of the data
+    root (a split made of symlinks) or of unsupported files says why it is empty; '' when nothing was skipped."""
+    if not skipped:
+        return ""
+    path, reason = skipped[0]
+    return f"; {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} skipped, e.g. {path}: {reason}"
+
+
 def _image_files(d: Path, root: Path, skipped: list[tuple[str, str]]) -> list[Path]:
     """Image files under class folder `d`; every other entry that is not a plain folder goes to `skipped`.
 
@@ -164,9 +173,11 @@ def _scan_class_dirs(folder: Path, data_cfg: DataConfig, root: Path,
     pattern = _compile_group(data_cfg.group_by)
     samples: list[Sample] = []
     for label, d in sorted(dirs.items()):
+        before = len(skipped)
         files = _image_files(d, root, skipped)
         if not files:
-            raise DataError(f"empty class: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {d}")
+            raise DataError(f"empty class: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {d}"
+                            f"{skipped_hint(skipped[before:])}")
         for p in files:
             rel = p.relative_to(d)
             subset = rel.parts[0] if len(rel.parts) > 1 else None

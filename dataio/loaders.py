@@ -355,7 +355,7 @@ class CachedEvalLoader:
             return
         kept: list[tuple] | None = None if self.too_big else []
         size = 0
-        for batch in self.loader:
+        for batch in loader_iter(self.loader):  # its workers are forked here (a generator: not at iter(self))
             if kept is not None:
                 size += sum(t.element_size() * t.nelement() for t in batch if isinstance(t, torch.Tensor))
                 if size > self.max_bytes:

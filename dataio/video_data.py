@@ -32,7 +32,7 @@ from augmentation.policies import POLICIES, parse_policy, seed_transform
 from dataio.sequence import SequenceBatch
 from dataio.data import (  # the same class-folder, label and split spellings as image data
     _CLASS_RE, _LABEL_WORDS as _LABELS, _SPLIT_ALIASES, IMAGE_EXTENSIONS, SPLITS, DataError, DataIndex, Sample,
-    cap_split, csv_label_split, data_digest, link_problem, split_samples,
+    cap_split, csv_label_split, data_digest, link_problem, skipped_hint, split_samples,
 )
 from dataio.loaders import load_rgb, loaders_by_split
 
@@ -133,9 +133,11 @@ def _scan_class_dirs(folder: Path, group_by: str | None, data_root: Path | None 
     for label, name in enumerate(("real", "fake")):
         if label not in dirs:
             raise DataError(f"missing folder {folder / name}: expected DIR/{{real,fake}}/<video>/<frames>.jpg")
+        before = len(skipped) if skipped is not None else 0
         videos = find_videos(dirs[label], data_root, skipped)
         if not videos:
-            raise DataError(f"empty class: no video folders with frames under {dirs[label]}")
+            hint = skipped_hint(skipped[before:]) if skipped is not None else ""
+            raise DataError(f"empty class: no video folders with frames under {dirs[label]}{hint}")
         for v in videos:
             rel = v.relative_to(dirs[label])
             vid = f"{name}/{rel.as_posix()}"

@@ -15,8 +15,8 @@ from PIL import Image
 
 from core.config import Config, DataConfig
 from dataio.data import DataError, DataIndex, Sample, cap_split, pos_weight, scan, split_samples
-from dataio.loaders import (EVAL_IN_PROCESS_BATCHES, ImageDataset, build_loaders, collate_drop_none, load_rgb,
-                            loader_iter, retained_heap, trim_heap)
+from dataio.loaders import (EVAL_IN_PROCESS_BATCHES, CachedEvalLoader, ImageDataset, build_loaders, collate_drop_none,
+                            load_rgb, loader_iter, retained_heap, trim_heap)
 from augmentation.policies import build_transform
 
 MEAN = STD = (0.5, 0.5, 0.5)
@@ -207,6 +207,20 @@ def test_corrupt_files_skipped_reported_and_loader_finishes(tmp_path: Path, capl
     assert seen > 0
 
 
+def test_a_class_of_links_out_of_the_data_root_says_why_it_is_empty(tmp_path: Path) -> None:
+    """A split made of symlinks to the original files (a common way to split a data set) is refused, and the
+    error names the reason, not just an empty folder."""
+    source = _flat(tmp_path / "original", 3, 3)
+    root = tmp_path / "split"
+    for cls in ("real", "fake"):
+        (root / cls).mkdir(parents=True)
+        for f in (source / cls).iterdir():
+            (root / cls / f.name).symlink_to(f)
+    with pytest.raises(DataError) as err:
+        scan(DataConfig(data_dir=str(root)), 0)
+    _assert_one_line(err, "empty class", "3 entries skipped", "symlink leaves the data root")
+
+
 def test_every_dropped_entry_is_reported_with_its_reason(tmp_path: Path) -> None:
     """Broken links, links out of the data root, .gif, a folder named *.jpg, a 1x1 image: none silently dropped."""
     root = _flat(tmp_path / "data", 8, 8)
@@ -294,7 +308,7 @@ def test_missing_and_empty_class(tmp_path: Path) -> None:
     (tmp_path / "fake" / "notes.txt").write_text("x")
     with pytest.raises(DataError) as err:
         scan(DataConfig(data_dir=str(tmp_path)), 0)
-    _assert_one_line(err, "empty class", str(tmp_path / "fake"))
+    _assert_one_line(err, "empty class", str(tmp_path / "fake"), "1 entry skipped", "notes.txt: unsupported type .txt")
     (tmp_path / "fake" / "broken.png").write_bytes(b"")
     with pytest.raises(DataError) as err:
         scan(DataConfig(data_dir=str(tmp_path)), 0)
@@ -470,9 +484,11 @@ def test_evaluation_and_feature_passes_hold_a_group_sigterm_while_their_workers_
     val = build_loaders(index, _cfg(tmp_path, num_workers=2, batch_size=1), MEAN, STD)["val"]
     assert val.num_workers == 2
     model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1))
-    with _SigtermAtFork() as stop:
-        preds = predict(model, val, torch.device("cpu"))
-        assert len(preds.labels) == len(index.val) and stop.handled()  # the workers lived to decode every image
+    for loader in (val, CachedEvalLoader(build_loaders(index, _cfg(tmp_path, num_workers=2, batch_size=1), MEAN,
+                                                       STD)["val"], 2**30)):  # plain, and as train(cfg) wraps it
+        with _SigtermAtFork() as stop:
+            preds = predict(model, loader, torch.device("cpu"))
+            assert len(preds.labels) == len(index.val) and stop.handled()  # the workers lived to decode every image
     model.frozen_features = lambda x: x.mean(dim=(2, 3))
     with _SigtermAtFork() as stop:
         store = compute_features(model, val, torch.device("cpu"), channels_last=False, amp=contextlib.nullcontext,
@@ -501,28 +517,36 @@ def test_trim_heap_gives_freed_memory_back_before_workers_fork() -> None:
 
 def test_retained_heap_keeps_a_steps_big_blocks_paged_in_and_gives_glibc_its_defaults_back() -> None:
     """A training step allocates its activations (blocks over glibc's 32 MiB mmap threshold), frees them and
-    allocates them again. Inside retained_heap() (train(cfg)'s epochs) the next step reuses pages already
-    faulted in; outside, glibc maps fresh zeroed pages each time, as it does again after leaving."""
-    import resource
+    allocates them again. Inside retained_heap() (train(cfg)'s epochs) the steps after the first reuse pages
+    already faulted in; outside, glibc maps fresh zeroed pages each time, as it does again after leaving.
+    Measured in a new process, as a training CLI is (this one's heap holds what earlier tests left)."""
+    import subprocess
+    import sys
 
-    size = 48 * 2**20
-
-    def faults_of_a_step() -> int:
-        torch.ones(size // 4)  # a step before: every page written, then freed at once
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        torch.ones(size // 4)
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-
-    outside = faults_of_a_step()
-    if outside < size // os.sysconf("SC_PAGE_SIZE") // 2:
-        pytest.skip(f"{outside} page faults for 48 MiB: huge pages or another allocator, nothing to measure")
-    with retained_heap() as kept:
-        if not kept:
-            pytest.skip("no glibc mallopt here")
-        inside = faults_of_a_step()
-    after = faults_of_a_step()
-    assert inside * 10 < outside, (inside, outside)
-    assert after * 2 > outside, (after, outside)
+    script = """
+import json, resource, torch
+from dataio.loaders import retained_heap
+size = 48 * 2**20
+def faults_of_a_step():
+    torch.ones(size // 4)  # a step before: every page written, then freed at once
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(size // 4)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+outside = faults_of_a_step()
+with retained_heap() as kept:
+    faults_of_a_step()  # the first step grows the heap
+    inside = faults_of_a_step()
+print(json.dumps({"kept": kept, "outside": outside, "inside": inside, "after": faults_of_a_step()}))
+"""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
+    got = __import__("json").loads(out.stdout.splitlines()[-1])
+    if not got["kept"]:
+        pytest.skip("no glibc mallopt here")
+    if got["outside"] < 48 * 2**20 // os.sysconf("SC_PAGE_SIZE") // 2:
+        pytest.skip(f"{got['outside']} page faults for 48 MiB: huge pages or another allocator, nothing to measure")
+    assert got["inside"] * 10 < got["outside"], got
+    assert got["after"] * 2 > got["outside"], got
 
 
 def test_balanced_sampler_draws_classes_equally(tmp_path: Path) -> None:

@@ -45,6 +45,21 @@ def test_video_symlinks_stay_inside_the_data_folder(tmp_path: Path) -> None:
     assert "secret" not in found and "loop" not in reasons
 
 
+def test_a_class_of_videos_linked_from_outside_says_why_it_is_empty(tmp_path: Path) -> None:
+    import pytest
+
+    from core.errors import DataError
+
+    root, outside = tmp_path / "data", tmp_path / "elsewhere"
+    (root / "fake").mkdir(parents=True)
+    for i in range(2):
+        _video(root / "real" / f"vid{i}")
+        os.symlink(_video(outside / f"vid{i}"), root / "fake" / f"vid{i}")
+    cfg = load_config(overrides={"data.data_dir": str(root), "data.split": [0.5, 0.5, 0.0]})
+    with pytest.raises(DataError, match=r"empty class: .*; 2 entries skipped, e\.g\. .*symlink leaves the data root"):
+        scan_videos(cfg.data, seed=0)
+
+
 def test_scoring_a_folder_skips_outside_links_with_a_warning(tmp_path: Path, caplog) -> None:
     from evaluation.video_scoring import videos_in_dir
 
