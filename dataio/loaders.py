@@ -111,7 +111,7 @@ def seed_worker(worker_id: int) -> None:
     multiprocessing's terminate()) ends the worker. torch's worker loop already leaves SIGINT to the main process.
     """
     signal.signal(signal.SIGTERM, _worker_sigterm)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # forked with it blocked: see sigterm_blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # forked with it blocked: see loader_iter
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
@@ -120,29 +120,23 @@ def seed_worker(worker_id: int) -> None:
         seed_transform(info.dataset.transform, seed)
 
 
-@contextlib.contextmanager
-def sigterm_blocked() -> Iterator[None]:
-    """Hold SIGTERM back while a loader forks its workers (wrap the loader's iter()). A stop sent to the process
-    group in that window would kill a worker before seed_worker installs its handler (the run then fails with
-    a worker traceback instead of stopping KILLED), or reach the main process before the worker exists, so the
-    worker later takes multiprocessing's terminate() for the group's SIGTERM and ignores it. Workers inherit the
-    blocked mask and unblock it once their handler is in place; a SIGTERM held meanwhile arrives then."""
+def loader_iter(loader) -> Iterator:
+    """iter(loader), with SIGTERM held while a loader whose workers unblock it (seed_worker) forks them: every
+    dataio loader, train or eval, at each fork (train: each epoch; persistent eval workers: their first pass).
+
+    A stop sent to the process group in that window would kill a worker before seed_worker installs its handler
+    (the run then fails with a worker traceback instead of stopping KILLED), or reach the main process before
+    the worker exists, so the worker later takes multiprocessing's terminate() for the group's SIGTERM and
+    ignores it. Workers inherit the blocked mask and unblock it once their handler is in place; a SIGTERM held
+    meanwhile arrives then. Other iterables and loaders are iterated as they are: a worker forked with SIGTERM
+    blocked and no seed_worker to unblock it would ignore terminate()."""
+    if not (getattr(loader, "num_workers", 0) and getattr(loader, "worker_init_fn", None) is seed_worker):
+        return iter(loader)
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     try:
-        yield
+        return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-
-
-def loader_iter(loader) -> Iterator:
-    """iter(loader), with SIGTERM held (sigterm_blocked) while a loader whose workers unblock it (seed_worker)
-    forks them: every dataio loader, train or eval, at each fork (train: each epoch; persistent eval workers:
-    their first pass). Other iterables and loaders are iterated as they are: a worker forked with SIGTERM
-    blocked and no seed_worker to unblock it would ignore multiprocessing's terminate()."""
-    if getattr(loader, "num_workers", 0) and getattr(loader, "worker_init_fn", None) is seed_worker:
-        with sigterm_blocked():
-            return iter(loader)
-    return iter(loader)
 
 
 def trim_heap() -> bool:

@@ -1,9 +1,14 @@
 """Data layouts, splits, odd and corrupt images, errors (dataio/data.py); loaders (dataio/loaders.py)."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -402,13 +407,10 @@ class _SigtermAtFork:
     registered = False
 
     def __init__(self) -> None:
-        import signal
-
         if not _SigtermAtFork.registered:  # a fork hook cannot be unregistered: registered once, armed per test
             os.register_at_fork(after_in_child=_SigtermAtFork._child, after_in_parent=_SigtermAtFork._disarm)
             _SigtermAtFork.registered = True
         self.got: list[int] = []
-        self.signal = signal
 
     @staticmethod
     def _disarm() -> None:  # one fork per arming: no stop arrives after the test has put its handler back
@@ -417,8 +419,6 @@ class _SigtermAtFork:
     @staticmethod
     def _child() -> None:
         if _SigtermAtFork.armed:
-            import signal
-
             # The inherited Python handler would only queue it; torch's worker soon installs a C one that, like
             # the default, ends the worker: the window a real stop must not land in.
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -426,18 +426,16 @@ class _SigtermAtFork:
             os.kill(os.getpid(), signal.SIGTERM)
 
     def __enter__(self) -> "_SigtermAtFork":
-        self.previous = self.signal.signal(self.signal.SIGTERM, lambda signum, frame: self.got.append(signum))
+        self.previous = signal.signal(signal.SIGTERM, lambda signum, frame: self.got.append(signum))
         _SigtermAtFork.armed = True
         return self
 
     def __exit__(self, *exc: object) -> None:
         _SigtermAtFork.armed = False
-        self.signal.signal(self.signal.SIGTERM, self.previous)
+        signal.signal(signal.SIGTERM, self.previous)
 
     def handled(self, timeout: float = 2.0) -> bool:
         """Whether this process got the stop (a signal another thread took is handled a moment later)."""
-        import time
-
         deadline = time.monotonic() + timeout
         while not self.got and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -451,8 +449,6 @@ class _SigtermMask(torch.utils.data.Dataset):
         return 2
 
     def __getitem__(self, i: int) -> bool:
-        import signal
-
         return signal.SIGTERM in signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
@@ -520,9 +516,6 @@ def test_retained_heap_keeps_a_steps_big_blocks_paged_in_and_gives_glibc_its_def
     allocates them again. Inside retained_heap() (train(cfg)'s epochs) the steps after the first reuse pages
     already faulted in; outside, glibc maps fresh zeroed pages each time, as it does again after leaving.
     Measured in a new process, as a training CLI is (this one's heap holds what earlier tests left)."""
-    import subprocess
-    import sys
-
     script = """
 import json, resource, torch
 from dataio.loaders import retained_heap
@@ -539,7 +532,7 @@ print(json.dumps({"kept": kept, "outside": outside, "inside": inside, "after": f
 """
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True)
-    got = __import__("json").loads(out.stdout.splitlines()[-1])
+    got = json.loads(out.stdout.splitlines()[-1])
     if not got["kept"]:
         pytest.skip("no glibc mallopt here")
     if got["outside"] < 48 * 2**20 // os.sysconf("SC_PAGE_SIZE") // 2:
