@@ -506,7 +506,10 @@ def test_real_train_sweep_end_to_end(tmp_path: Path, mlflow_uri: str) -> None:
         assert row["params.model.model_type"] == "test_efficientnet"  # train's full flattened config
         history = mlflow.MlflowClient().get_metric_history(t.user_attrs["mlflow_run_id"], "val_auc")
         epochs = t.user_attrs["epochs_trained"]
-        assert epochs == (2 if t.state == TrialState.COMPLETE else 1)
+        if t.state == TrialState.COMPLETE:
+            assert epochs == 2
+        else:  # the forced prune stops after epoch 1; the median pruner may stop a sampled trial after either epoch
+            assert (epochs == 1) if t.number == 1 else (1 <= epochs <= 2)
         assert set(range(epochs)) <= {m.step for m in history}  # per-epoch curves in the trial's run
         if t.state == TrialState.COMPLETE:
             assert list((sweep_dir / f"trial-{t.number:04d}").glob("*/best.pt"))
