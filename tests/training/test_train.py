@@ -169,7 +169,7 @@ def test_frozen_offline_mobilenet_on_lfw_faceswap(tmp_path: Path, shared_data: P
         "data.data_dir": str(shared_data / "lfw_faceswap"), "data.center_crop": 0.5, "data.aug_policy": "none",
         "data.image_size": 128, "data.batch_size": 16, "data.num_workers": 1,
         "train.freeze_strategy": "frozen", "train.num_epochs": 1, "optim.lr": 3e-3, "optim.scheduler": "none",
-        "train.use_amp": True, "train.output_dir": str(tmp_path / "outputs"),
+        "train.output_dir": str(tmp_path / "outputs"),
         "tracking.tracking_uri": f"sqlite:///{tmp_path / 'm.db'}", "tracking.log_model": False,
     })
     result = train(cfg)
