@@ -73,10 +73,11 @@ def predict(
             torch.manual_seed(seed)
             stack.enter_context(mc_dropout_mode(model))
             head_only = head_only_dropout(model)
+        from dataio.loaders import loader_iter, retained_heap
+
+        stack.enter_context(retained_heap())  # each batch's activations without fresh page faults (glibc)
         batches = loader
         if getattr(loader, "num_workers", 0):  # a DataLoader forking workers: hold SIGTERM while it does
-            from dataio.loaders import loader_iter
-
             batches = loader_iter(loader)
         for images, labels, indices in tqdm(batches, total=_length(loader), desc=desc, leave=False, disable=None):
             if len(images) == 0:

@@ -174,20 +174,23 @@ class ImageEnsembleModel(mlflow.pyfunc.PythonModel):
                      client_paths: list[str] | None = None) -> np.ndarray:
         """(N, K) member logits; files (or encoded bytes) are decoded (JPEG draft at each member's size, as in training) and
         transformed in `workers` threads while the members score the previous batch."""
+        from dataio.loaders import retained_heap
+
         keys = list(dict.fromkeys(m.prep_key for m in self.members))
         first = {key: next(m for m in self.members if m.prep_key == key) for key in keys}
         loader = decoded_batches(
             DecodedPaths(paths, [(first[key].transform, first[key].size) for key in keys], client_paths), batch, workers)
         logits = np.zeros((len(paths), len(self.members)))
         start = 0
-        for groups in loader:
-            if isinstance(groups, str):
-                raise bad_input(groups)
-            if self.members[0].device.type == "cuda":  # page-locked, so the copy to the GPU can be asynchronous
-                groups = [g.pin_memory() for g in groups]
-            for k, member in enumerate(self.members):
-                logits[start:start + len(groups[0]), k] = member.logits_of(groups[keys.index(member.prep_key)])
-            start += len(groups[0])
+        with retained_heap():  # each batch's activations without fresh page faults (glibc)
+            for groups in loader:
+                if isinstance(groups, str):
+                    raise bad_input(groups)
+                if self.members[0].device.type == "cuda":  # page-locked: the copy to the GPU can be asynchronous
+                    groups = [g.pin_memory() for g in groups]
+                for k, member in enumerate(self.members):
+                    logits[start:start + len(groups[0]), k] = member.logits_of(groups[keys.index(member.prep_key)])
+                start += len(groups[0])
         return logits
 
     @classmethod

@@ -332,12 +332,9 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def fit(self, tracker, epoch_callback: Callable[[int, dict[str, float]], None] | None) -> str:
         """Run epochs from start_epoch; returns COMPLETE or EARLY_STOPPED."""
-        from dataio.loaders import retained_heap
-
         self.stop.defer = True
         try:
-            with retained_heap():  # no page faults for each step's activations (glibc)
-                status = self._fit(tracker, epoch_callback)
+            status = self._fit(tracker, epoch_callback)
             self.stop.check()  # a stop during the last epoch's validation: still KILLED, resumable
             return status
         finally:
@@ -407,6 +404,7 @@ def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, f
         resumed_cfg = Config.model_validate(resume["config"])
         cfg = resumed_cfg.with_overrides({"train.resume": cfg.train.resume}, "--resume")
     from core.tracking import RunTracker, warm_up
+    from dataio.loaders import retained_heap
 
     # MLflow's import and store open run in a thread while the data is scanned and the model and loaders are
     # built (library callers; the training CLI's helper process has done them already, core.mlflow_backend). timm is imported first: both imports are Python, so run side by side they only take turns at the
@@ -438,8 +436,9 @@ def train(cfg: Config, *, index=None, epoch_callback: Callable[[int, dict[str, f
                                       trainer_params(trainer))
                     tracker.log_dataset(index_table(index), source=str(data_cfg.data_dir),
                                         name=Path(str(data_cfg.data_dir)).name or "data", digest=index.digest)
-                status = trainer.fit(tracker, epoch_callback)
-                return finish_run(trainer, tracker, status)
+                with retained_heap():  # no page faults for each step's activations (glibc), test pass included
+                    status = trainer.fit(tracker, epoch_callback)
+                    return finish_run(trainer, tracker, status)
             except BaseException as e:
                 e.output_dir = run_dir  # type: ignore[attr-defined]  # the sweep deletes pruned trials' folders
                 raise

@@ -513,8 +513,9 @@ def test_trim_heap_gives_freed_memory_back_before_workers_fork() -> None:
 
 def test_retained_heap_keeps_a_steps_big_blocks_paged_in_and_gives_glibc_its_defaults_back() -> None:
     """A training step allocates its activations (blocks over glibc's 32 MiB mmap threshold), frees them and
-    allocates them again. Inside retained_heap() (train(cfg)'s epochs) the steps after the first reuse pages
-    already faulted in; outside, glibc maps fresh zeroed pages each time, as it does again after leaving.
+    allocates them again. Inside retained_heap() (train(cfg)'s epochs, scoring passes) the steps after the first
+    reuse pages already faulted in, also after a nested block was left; outside, glibc maps fresh zeroed pages
+    each time, as it does again after the outermost block is left.
     Measured in a new process, as a training CLI is (this one's heap holds what earlier tests left)."""
     script = """
 import json, resource, torch
@@ -527,6 +528,8 @@ def faults_of_a_step():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 outside = faults_of_a_step()
 with retained_heap() as kept:
+    with retained_heap():  # nested (a val pass inside the run's block): leaving it keeps the outer one's heap
+        pass
     inside = min(faults_of_a_step() for _ in range(4))  # the first steps grow the heap
 print(json.dumps({"kept": kept, "outside": outside, "inside": inside, "after": faults_of_a_step()}))
 """

@@ -1,4 +1,4 @@
-"""TTA views and averaging, MC-dropout passes (evaluation.inference.predict with evaluation.tta / uncertainty)."""
+"""evaluation.inference.predict: TTA views and averaging, MC-dropout passes (evaluation.tta / uncertainty), its heap."""
 from __future__ import annotations
 
 import numpy as np
@@ -126,3 +126,29 @@ def test_mc_dropout_std_is_positive_seeded_and_keeps_batchnorm_in_eval(monkeypat
     assert list(table.columns) == ["path", "label", "score", "logit", "score_std"]
     summary = uncertainty.uncertainty_summary(table["label"], table["score"], table["score_std"])
     assert summary["mc_std_mean"] > 0 and {"mc_std_correct", "mc_std_wrong", "mc_std_error_auc"} <= set(summary)
+
+
+def test_predict_scores_every_batch_in_a_retained_heap_then_gives_it_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """evaluate, crosseval and the val/test passes score through predict: each batch's activations reuse heap
+    pages (dataio.loaders.retained_heap, no fresh page faults per batch); glibc's defaults are back after."""
+    import contextlib
+
+    import dataio.loaders as loaders_module
+
+    depth, forwards_in_heap = [0], []
+    real_retained = loaders_module.retained_heap
+
+    @contextlib.contextmanager
+    def recorded_heap():
+        with real_retained() as kept:
+            depth[0] += 1
+            try:
+                yield kept
+            finally:
+                depth[0] -= 1
+
+    monkeypatch.setattr(loaders_module, "retained_heap", recorded_heap)
+    model = tiny_model()
+    model.register_forward_pre_hook(lambda module, args: forwards_in_heap.append(depth[0] > 0))
+    preds = predict(model, batches(torch.randn(10, 3, 32, 32)), CPU)
+    assert preds.scores.shape == (10,) and forwards_in_heap == [True] * 3 and depth == [0]
