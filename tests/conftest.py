@@ -47,3 +47,25 @@ make_tiny_cfg.overrides = TINY  # type: ignore[attr-defined]
 def tiny_cfg():
     """`tiny_cfg(root, **overrides)` -> a tiny Config whose outputs and MLflow store live under `root`."""
     return make_tiny_cfg
+
+
+@pytest.fixture
+def heap_depth(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """[n]: how many dataio.loaders.retained_heap() blocks are open right now (the real one, counted)."""
+    import contextlib
+
+    import dataio.loaders as loaders_module
+
+    depth, real = [0], loaders_module.retained_heap
+
+    @contextlib.contextmanager
+    def counted():
+        with real() as kept:
+            depth[0] += 1
+            try:
+                yield kept
+            finally:
+                depth[0] -= 1
+
+    monkeypatch.setattr(loaders_module, "retained_heap", counted)
+    return depth

@@ -68,35 +68,21 @@ def test_arrays_and_bytes_score_like_files_and_bad_requests_are_400(model: Image
 
 
 def test_members_score_paths_in_a_retained_heap_given_back_after_the_request(
-        model: ImageEnsembleModel, monkeypatch: pytest.MonkeyPatch) -> None:
+        model: ImageEnsembleModel, monkeypatch: pytest.MonkeyPatch, heap_depth: list[int]) -> None:
     """Each batch's activations reuse heap pages (dataio.loaders.retained_heap: no fresh page faults per batch);
     glibc's defaults are back once the request is scored."""
-    import contextlib
-
-    import dataio.loaders as loaders_module
-
-    depth, scored_in_heap = [0], []
-    real_retained, member = loaders_module.retained_heap, model.members[0]
-
-    @contextlib.contextmanager
-    def recorded_heap():
-        with real_retained() as kept:
-            depth[0] += 1
-            try:
-                yield kept
-            finally:
-                depth[0] -= 1
+    scored_in_heap: list[bool] = []
+    member = model.members[0]
 
     def recorded_logits_of(x, real=member.logits_of):
-        scored_in_heap.append(depth[0] > 0)
+        scored_in_heap.append(heap_depth[0] > 0)
         return real(x)
 
-    monkeypatch.setattr(loaders_module, "retained_heap", recorded_heap)
     monkeypatch.setattr(member, "logits_of", recorded_logits_of)
     paths = demo_images(3)
     monkeypatch.setenv(ROOTS_ENV, str(Path(paths[0]).parents[1]))
     out = model.predict(None, pd.DataFrame({"path": paths}), params={"batch_size": 2})
-    assert len(out) == 6 and scored_in_heap == [True] * 3 and depth == [0]
+    assert len(out) == 6 and scored_in_heap == [True] * 3 and heap_depth == [0]
 
 
 def test_paths_only_under_the_data_roots_with_one_answer_for_every_refusal(
