@@ -50,22 +50,8 @@ def tiny_cfg():
 
 
 @pytest.fixture
-def heap_depth(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """[n]: how many dataio.loaders.retained_heap() blocks are open right now (the real one, counted)."""
-    import contextlib
-
+def heap_depth():
+    """`heap_depth()` -> how many dataio.loaders.retained_heap() blocks are open right now (its own count)."""
     import dataio.loaders as loaders_module
 
-    depth, real = [0], loaders_module.retained_heap
-
-    @contextlib.contextmanager
-    def counted():
-        with real() as kept:
-            depth[0] += 1
-            try:
-                yield kept
-            finally:
-                depth[0] -= 1
-
-    monkeypatch.setattr(loaders_module, "retained_heap", counted)
-    return depth
+    return lambda: loaders_module._heap_depth

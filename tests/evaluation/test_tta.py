@@ -128,11 +128,11 @@ def test_mc_dropout_std_is_positive_seeded_and_keeps_batchnorm_in_eval(monkeypat
     assert summary["mc_std_mean"] > 0 and {"mc_std_correct", "mc_std_wrong", "mc_std_error_auc"} <= set(summary)
 
 
-def test_predict_scores_every_batch_in_a_retained_heap_then_gives_it_back(heap_depth: list[int]) -> None:
+def test_predict_scores_every_batch_in_a_retained_heap_then_gives_it_back(heap_depth) -> None:
     """evaluate, crosseval and the val/test passes score through predict: each batch's activations reuse heap
     pages (dataio.loaders.retained_heap, no fresh page faults per batch); glibc's defaults are back after."""
     forwards_in_heap: list[bool] = []
     model = tiny_model()
-    model.register_forward_pre_hook(lambda module, args: forwards_in_heap.append(heap_depth[0] > 0))
+    model.register_forward_pre_hook(lambda module, args: forwards_in_heap.append(heap_depth() > 0))
     preds = predict(model, batches(torch.randn(10, 3, 32, 32)), CPU)
-    assert preds.scores.shape == (10,) and forwards_in_heap == [True] * 3 and heap_depth == [0]
+    assert preds.scores.shape == (10,) and forwards_in_heap == [True] * 3 and heap_depth() == 0

@@ -68,21 +68,21 @@ def test_arrays_and_bytes_score_like_files_and_bad_requests_are_400(model: Image
 
 
 def test_members_score_paths_in_a_retained_heap_given_back_after_the_request(
-        model: ImageEnsembleModel, monkeypatch: pytest.MonkeyPatch, heap_depth: list[int]) -> None:
+        model: ImageEnsembleModel, monkeypatch: pytest.MonkeyPatch, heap_depth) -> None:
     """Each batch's activations reuse heap pages (dataio.loaders.retained_heap: no fresh page faults per batch);
     glibc's defaults are back once the request is scored."""
     scored_in_heap: list[bool] = []
     member = model.members[0]
 
     def recorded_logits_of(x, real=member.logits_of):
-        scored_in_heap.append(heap_depth[0] > 0)
+        scored_in_heap.append(heap_depth() > 0)
         return real(x)
 
     monkeypatch.setattr(member, "logits_of", recorded_logits_of)
     paths = demo_images(3)
     monkeypatch.setenv(ROOTS_ENV, str(Path(paths[0]).parents[1]))
     out = model.predict(None, pd.DataFrame({"path": paths}), params={"batch_size": 2})
-    assert len(out) == 6 and scored_in_heap == [True] * 3 and heap_depth == [0]
+    assert len(out) == 6 and scored_in_heap == [True] * 3 and heap_depth() == 0
 
 
 def test_paths_only_under_the_data_roots_with_one_answer_for_every_refusal(

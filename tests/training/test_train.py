@@ -23,7 +23,7 @@ from training.trainer import NonFiniteLossError, train
 
 
 def test_two_epoch_demo_run_lands_in_mlflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_cfg,
-                                            heap_depth: list[int]) -> None:
+                                            heap_depth) -> None:
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")  # default 10 s: longer than this run
     import training.trainer as trainer_module
 
@@ -33,13 +33,13 @@ def test_two_epoch_demo_run_lands_in_mlflow(tmp_path: Path, monkeypatch: pytest.
     passes_in_kept_heap: list[bool] = []  # the val passes and the test split's
 
     def recorded_predict(*args, real=trainer_module.predict, **kwargs):
-        passes_in_kept_heap.append(heap_depth[0] > 0)
+        passes_in_kept_heap.append(heap_depth() > 0)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer_module, "predict", recorded_predict)
 
     def shown_tqdm(*args, **kwargs):  # the epoch bar as a terminal would show it, refreshed every step
-        epochs_in_kept_heap.append(heap_depth[0] > 0)
+        epochs_in_kept_heap.append(heap_depth() > 0)
         out = io.StringIO()
         bar = real_tqdm(*args, **{**kwargs, "disable": False, "file": out, "mininterval": 0})
         bars.append((bar, out))
@@ -70,7 +70,7 @@ def test_two_epoch_demo_run_lands_in_mlflow(tmp_path: Path, monkeypatch: pytest.
     assert run.data.tags["best_epoch"] == str(result.best_epoch)
     assert [bar.desc for bar, _ in bars] == ["epoch 1/2", "epoch 2/2"]  # "/N", counted from 1
     # no per-step page faults in the epochs and the val and test passes, then glibc's defaults back
-    assert epochs_in_kept_heap == [True, True] and passes_in_kept_heap == [True] * 3 and heap_depth == [0]
+    assert epochs_in_kept_heap == [True, True] and passes_in_kept_heap == [True] * 3 and heap_depth() == 0
     frames = bars[0][1].getvalue().split("\r")
     losses = {m.group(1) for f in frames if (m := re.search(r"loss=(\d\.\d{4})", f))}
     assert len(losses) >= 2  # the running loss moves within the epoch (4 steps), not every 20 steps
